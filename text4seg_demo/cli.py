@@ -1,0 +1,127 @@
+"""The ``text4seg`` command line. Heavy modules are imported inside each command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 640x480, got {text!r}") from None
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r}")
+    return w, h
+
+
+def _grid(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"grid size must be between 1 and 256, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------- descriptors
+
+
+def cmd_descriptors_encode(args) -> int:
+    from . import codec
+    from .masks import load_mask, to_grid
+
+    codec.check_label(args.label)
+    tokenizer = _tokenizer(args)
+    for path in args.masks:
+        grid = to_grid(load_mask(path), args.grid).astype(bool).astype(int)
+        body = codec.encode(grid, [codec.OTHERS, args.label], args.format)
+        text = codec.wrap(body) if args.wrap else body
+        record = {"mask": str(path), "text": text}
+        if tokenizer is not None:
+            from .tokens import count_tokens
+
+            record["tokens"] = count_tokens(tokenizer, body)
+        if args.jsonl:
+            print(json.dumps(record))
+        else:
+            sys.stdout.write(text)
+            if "tokens" in record:
+                print(f"{path}: {record['tokens']} tokens", file=sys.stderr)
+    return 0
+
+
+def cmd_descriptors_decode(args) -> int:
+    from . import codec
+
+    text = sys.stdin.read()
+    parsed = codec.parse_answer(text, args.grid, fmt=args.format, repair=args.repair)
+    result = parsed.to_dict()
+    tokenizer = _tokenizer(args)
+    if tokenizer is not None:
+        from .tokens import count_tokens
+
+        result["tokens"] = count_tokens(tokenizer, parsed.body)
+    if args.out:
+        from .export import save_binary_png
+        from .masks import to_image
+
+        w, h = args.size or (args.grid, args.grid)
+        save_binary_png(to_image(parsed.mask(), h, w), args.out)
+    print(json.dumps(result))
+    return 0
+
+
+def _tokenizer(args):
+    if not args.tokenizer:
+        return None
+    from .tokens import load_tokenizer
+
+    return load_tokenizer(args.tokenizer)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="text4seg", description="Text4Seg: segmentation as text generation.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    desc = commands.add_parser("descriptors", help="encode masks as semantic descriptors, or decode them")
+    desc_cmds = desc.add_subparsers(dest="action", required=True)
+    tok_help = "count tokens with this tokenizer: a model directory, a .gguf file, or 'llama' (bundled LLaMA vocabulary)"
+
+    enc = desc_cmds.add_parser("encode", help="mask PNG(s) -> descriptor body")
+    enc.add_argument("masks", nargs="+", type=Path, help="mask images; a pixel > 0 is the target")
+    enc.add_argument("--grid", type=_grid, default=16, help="patches per side (default 16)")
+    enc.add_argument("--format", choices=("rrle", "full", "irle"), default="rrle")
+    enc.add_argument("--label", required=True, help="the target's label, e.g. the referring expression")
+    enc.add_argument("--wrap", action="store_true", help="wrap the body in <seg>...</seg>")
+    enc.add_argument("--jsonl", action="store_true", help='one JSON line per mask: {"mask", "text"[, "tokens"]}')
+    enc.add_argument("--tokenizer", help=tok_help)
+    enc.set_defaults(func=cmd_descriptors_encode)
+
+    dec = desc_cmds.add_parser("decode", help="answer or body on stdin -> JSON grid, labels, diagnostics")
+    dec.add_argument("--grid", type=_grid, default=16, help="patches per side (default 16)")
+    dec.add_argument("--format", choices=("rrle", "full", "irle"), default="rrle")
+    dec.add_argument("--repair", choices=("reference", "rows"), default="reference",
+                     help="how to repair bad row lengths: like the reference evaluator, or row by row")
+    dec.add_argument("--out", type=Path, help="also write the binary mask as a PNG")
+    dec.add_argument("--size", type=_size, help="size of --out as WIDTHxHEIGHT (default: the grid)")
+    dec.add_argument("--tokenizer", help=tok_help)
+    dec.set_defaults(func=cmd_descriptors_decode)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"text4seg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
