@@ -81,7 +81,67 @@ def _tokenizer(args):
     return load_tokenizer(args.tokenizer)
 
 
+# --------------------------------------------------------------------------- models
+
+
+def _load_model(args):
+    from .loading import load
+
+    return load(args.model, quant=args.quant, device=args.device, adapter=getattr(args, "adapter", None),
+                grid=getattr(args, "grid", None), log=lambda m: print(m, file=sys.stderr))
+
+
+def cmd_segment(args) -> int:
+    from .export import save_binary_png
+    from .images import prepare
+    from .pipeline import Request, segment
+
+    image, notes = prepare(args.image)
+    engine = _load_model(args)
+    refiner = _refiner(args)
+    request = Request(expression=args.expression, classes=args.classes, fmt=args.format, grid=args.grid,
+                      constrained=args.constrained, max_new_tokens=args.max_new_tokens, refine=args.refine,
+                      sam_points=args.points, seed=args.seed)
+    result = segment(engine, image, request, refiner)
+    result.notes[:0] = notes
+    doc = result.to_json()
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    else:
+        print(json.dumps(doc, indent=2))
+    if args.mask:
+        final = result.refined if result.refined is not None else result.coarse
+        save_binary_png(final > 0, args.mask)
+    for d in result.diagnostics:
+        print(f"warning: {d.message}", file=sys.stderr)
+    return 0
+
+
+def _refiner(args):
+    if args.refine in (None, "none"):
+        return None
+    from .refine import build_refiner
+
+    return build_refiner(args.refine, device=args.device, checkpoint=getattr(args, "sam_checkpoint", None))
+
+
+def cmd_convert_llava(args) -> int:
+    from .convert import convert
+
+    convert(args.src, args.dst, log=lambda m: print(m, file=sys.stderr))
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny-rrle",
+                   help="preset (tiny-rrle, tiny-full, text4seg-llava-7b-p24), hub id or local directory")
+    p.add_argument("--quant", default="auto", choices=("auto", "4bit", "8bit", "bf16", "fp16", "fp32"),
+                   help="auto: 4-bit nf4 on CUDA, full precision on CPU")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--adapter", help="a PEFT LoRA adapter directory to merge into the model")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +171,27 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--size", type=_size, help="size of --out as WIDTHxHEIGHT (default: the grid)")
     dec.add_argument("--tokenizer", help=tok_help)
     dec.set_defaults(func=cmd_descriptors_decode)
+
+    seg = commands.add_parser("segment", help="segment what an expression refers to in an image")
+    seg.add_argument("image", type=Path)
+    seg.add_argument("expression", nargs="?", default="", help="the referring expression")
+    seg.add_argument("--classes", nargs="+", help="multi-class question instead: the class names")
+    _model_options(seg)
+    seg.add_argument("--grid", type=_grid, help="override the model's grid size")
+    seg.add_argument("--format", choices=("rrle", "full", "irle"), help="override the model's descriptor format")
+    seg.add_argument("--constrained", action="store_true", help="grammar-constrained decoding: always well formed")
+    seg.add_argument("--max-new-tokens", type=int, help="default: the worst case for the grid and labels")
+    seg.add_argument("--refine", default="none", help="none, grabcut, sam, sam-lite or auto")
+    seg.add_argument("--points", type=int, default=10, help="SAM point prompts per side (default 10)")
+    seg.add_argument("--seed", type=int, default=0)
+    seg.add_argument("--json", type=Path, help="write the result JSON here instead of stdout")
+    seg.add_argument("--mask", type=Path, help="write the final binary mask PNG here")
+    seg.set_defaults(func=cmd_segment)
+
+    conv = commands.add_parser("convert-llava", help="convert an original-LLaVA checkpoint to transformers' layout")
+    conv.add_argument("src", type=Path)
+    conv.add_argument("dst", type=Path)
+    conv.set_defaults(func=cmd_convert_llava)
     return parser
 
 
@@ -118,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
         print(f"text4seg {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,79 @@
+"""Tiny random checkpoints that tests write to a temp dir: nothing comes from a hub or a cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import (AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration)
+
+from text4seg_demo.tokens import LLAMA_VOCAB
+
+CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+            patch_size=14, projection_dim=32)
+LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0)
+
+
+def llama_tokenizer():
+    return AutoTokenizer.from_pretrained(str(LLAMA_VOCAB.parent), gguf_file=LLAMA_VOCAB.name)
+
+
+def write_tiny_clip(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    CLIPVisionModel(CLIPVisionConfig(**CLIP)).save_pretrained(path)
+    return path
+
+
+def write_original_llava(root: Path, vision_in_checkpoint: bool = True, seed: int = 0):
+    """A random LLaVA-1.5-style checkpoint in the original code base's layout.
+
+    Returns ``(directory, reference)`` where ``reference`` is a transformers LLaVA built
+    directly from the same weights (its image token appended at the end of the vocabulary).
+    """
+    tower = write_tiny_clip(root / "tiny-clip", seed)
+    tokenizer = llama_tokenizer()
+    vocab = len(tokenizer)
+    torch.manual_seed(seed + 1)
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**CLIP),
+                         text_config=LlamaConfig(vocab_size=vocab + 1, **LLAMA), image_token_index=vocab,
+                         image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    reference = LlavaForConditionalGeneration(config).eval()
+    reference.model.vision_tower.load_state_dict(CLIPVisionModel.from_pretrained(tower).state_dict())
+
+    original = {}
+    for key, tensor in reference.state_dict().items():
+        if key.startswith("model.language_model."):
+            key = "model." + key[len("model.language_model."):]
+        elif key.startswith("model.multi_modal_projector.linear_1."):
+            key = key.replace("model.multi_modal_projector.linear_1.", "model.mm_projector.0.")
+        elif key.startswith("model.multi_modal_projector.linear_2."):
+            key = key.replace("model.multi_modal_projector.linear_2.", "model.mm_projector.2.")
+        elif key.startswith("model.vision_tower."):
+            if not vision_in_checkpoint:
+                continue
+            key = "model.vision_tower.vision_tower.vision_model." + key[len("model.vision_tower."):]
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):
+            tensor = tensor[:vocab]  # the original tokenizer has no image token
+        original[key] = tensor.clone().contiguous()
+
+    ckpt = root / "text4seg-tiny-llava-p24"
+    ckpt.mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    names = sorted(original)
+    half = len(names) // 2
+    save_file({k: original[k] for k in names[:half]}, str(ckpt / "model-00001-of-00002.safetensors"))
+    save_file({k: original[k] for k in names[half:]}, str(ckpt / "model-00002-of-00002.safetensors"))
+    tokenizer.save_pretrained(ckpt)
+    (ckpt / "config.json").write_text(json.dumps({
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "vocab_size": vocab,
+        **LLAMA, "hidden_act": "silu", "tie_word_embeddings": False,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "mm_vision_tower": str(tower), "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": CLIP["hidden_size"],
+        "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False, "image_aspect_ratio": "pad",
+    }, indent=2))
+    return ckpt, reference

@@ -1,0 +1,147 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import LlavaForConditionalGeneration
+
+from fakes import write_original_llava
+from text4seg_demo import codec
+from text4seg_demo.convert import convert
+from text4seg_demo.loading import ModelUnavailable, load, plan_precision, resolve
+
+LABEL = "white horse"
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    return write_original_llava(tmp_path_factory.mktemp("llava"))
+
+
+@pytest.fixture(scope="module")
+def engine(original):
+    return load(str(original[0]), grid=24, log=lambda m: None)
+
+
+def photo(seed=0, size=(80, 60)):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("tower_in_checkpoint", [True, False])
+def test_converted_logits_match_a_directly_built_llava(tmp_path, tower_in_checkpoint):
+    ckpt, reference = write_original_llava(tmp_path, vision_in_checkpoint=tower_in_checkpoint, seed=3)
+    converted = LlavaForConditionalGeneration.from_pretrained(convert(ckpt, tmp_path / "hf", log=lambda m: None))
+    converted.eval()
+    vocab = reference.config.text_config.vocab_size - 1
+    ids = torch.tensor([[1, 319, 13563] + [reference.config.image_token_index] * 16 + [29871, 13, 3148]])
+    px = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = reference(input_ids=ids, pixel_values=px).logits[..., :vocab]
+        ids[ids == reference.config.image_token_index] = converted.config.image_token_index
+        got = converted(input_ids=ids, pixel_values=px).logits[..., :vocab]
+    assert (want - got).abs().max().item() <= 1e-4
+    assert (tmp_path / "hf" / "text4seg.json").is_file()
+    assert json.loads((tmp_path / "hf" / "text4seg.json").read_text())["grid"] == 24  # from "p24" in the name
+
+
+@pytest.mark.parametrize("fmt", ["rrle", "full"])
+@pytest.mark.parametrize("grid", [16, 24])
+def test_constrained_decoding_from_random_weights_is_always_well_formed(engine, fmt, grid):
+    gen = engine.generate(photo(grid), engine.question(LABEL), [LABEL], fmt=fmt, grid=grid, constrained=True)
+    parsed = codec.parse_answer(gen.text, grid, fmt=fmt, allowed_labels=[LABEL])
+    assert parsed.diagnostics == [], parsed.diagnostics
+    assert parsed.grid.shape == (grid, grid)
+    assert gen.constrained
+
+
+def test_unconstrained_random_model_output_is_reported_not_hidden(engine):
+    gen = engine.generate(photo(1), engine.question(LABEL), [LABEL], max_new_tokens=20)
+    assert gen.tokens["generated"] <= 20
+    parsed = codec.parse_answer(gen.text, 24)
+    assert parsed.grid.shape == (24, 24) and parsed.diagnostics
+
+
+def test_streaming_yields_rows_and_the_same_text(engine):
+    image = photo(2)
+    events = list(engine.stream(image, engine.question(LABEL), [LABEL], constrained=True, grid=16))
+    final = events[-1]
+    assert final.done and final.generation is not None
+    assert "".join(e.delta for e in events) == final.text
+    assert final.text == engine.generate(image, engine.question(LABEL), [LABEL], constrained=True, grid=16).text
+    counts = [len(e.rows) for e in events]
+    assert counts == sorted(counts) and counts[-1] == 16
+
+
+def test_second_question_on_the_same_image_reuses_the_image_prefix(original):
+    warm = load(str(original[0]), grid=24, log=lambda m: None)
+    image = photo(4)
+    warm.generate(image, warm.question("a dog"), ["a dog"], max_new_tokens=5)
+    hits = dict(warm.stats)
+    second = warm.generate(image, warm.question(LABEL), [LABEL], max_new_tokens=30)
+    assert warm.stats["prefix_hits"] == hits["prefix_hits"] + 1
+    assert warm.stats["feature_hits"] == hits["feature_hits"] + 1
+    cold = load(str(original[0]), grid=24, log=lambda m: None)
+    assert cold.generate(image, cold.question(LABEL), [LABEL], max_new_tokens=30).token_ids == second.token_ids
+
+
+def test_replay_force_decodes_the_given_text(engine):
+    body = codec.encode(np.zeros((16, 16), int), ["others"], "full")
+    answer = codec.wrap(body, "Sure:")
+    gen = engine.replay(photo(5), engine.question(LABEL), answer)
+    assert gen.replayed and gen.text == answer
+    assert gen.tokens["generated"] == engine.count_tokens(answer)
+    assert gen.timings["decode"] > 0
+
+
+def test_four_bit_on_cpu_loads_and_generates(original):
+    pytest.importorskip("bitsandbytes")
+    small = load(str(original[0]), quant="4bit", device="cpu", grid=16, log=lambda m: None)
+    assert small.quant == "4bit"
+    linear = small.model.model.language_model.layers[0].self_attn.q_proj
+    assert "4bit" in type(linear).__name__.lower()
+    gen = small.generate(photo(6), small.question(LABEL), [LABEL], constrained=True, grid=16)
+    assert codec.parse_answer(gen.text, 16).diagnostics == []
+
+
+def test_precision_fallbacks_explain_themselves(monkeypatch):
+    cpu, mps = torch.device("cpu"), torch.device("mps")
+    assert plan_precision("auto", cpu) == ("fp32", "")
+    assert plan_precision("auto", torch.device("cuda")) == ("4bit", "")
+    assert plan_precision("8bit", cpu) == ("fp32", "bitsandbytes 8-bit needs CUDA; 4-bit works on CPU")
+    assert plan_precision("4bit", mps) == ("fp16", "bitsandbytes has no 4bit kernels for Apple MPS")
+    assert plan_precision("fp16", cpu) == ("bf16", "fp16 matrix products are slow or missing on CPU")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    assert plan_precision("4bit", cpu) == ("fp32", "4bit needs bitsandbytes (pip install bitsandbytes)")
+    with pytest.raises(ValueError, match="unknown --quant"):
+        plan_precision("int3", cpu)
+
+
+def test_missing_hub_model_offline_names_it_and_says_what_to_do():
+    with pytest.raises(ModelUnavailable) as err:
+        resolve("lmc22/text4seg-llava-7b-p24")
+    message = str(err.value)
+    assert "lmc22/text4seg-llava-7b-p24" in message and "huggingface-cli download" in message
+    assert "--model tiny-rrle" in message
+    with pytest.raises(ModelUnavailable, match="neither a local directory"):
+        resolve("/no/such/dir")
+
+
+def test_cli_segment_on_an_original_llava_checkpoint(original, tmp_path):
+    photo(7, (120, 90)).save(tmp_path / "in.png")
+    out = subprocess.run([sys.executable, "-m", "text4seg_demo", "segment", str(tmp_path / "in.png"), LABEL,
+                          "--model", str(original[0]), "--grid", "24", "--constrained", "--json",
+                          str(tmp_path / "r.json"), "--mask", str(tmp_path / "m.png")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["diagnostics"] == []
+    assert len(doc["grid"]) == 24 and all(len(row) == 24 for row in doc["grid"])
+    assert doc["labels"][0] == "others" and doc["text"].count("<seg>") == 1
+    assert doc["tokens"]["generated"] > 0 and doc["tokens"]["image"] == 16
+    assert {"prefill", "decode", "total", "ttft"} <= set(doc["timings"])
+    assert doc["quant"] == "fp32" and doc["device"] == "cpu" and doc["model"] == str(original[0])
+    assert Image.open(tmp_path / "m.png").size == (120, 90)

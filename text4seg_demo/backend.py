@@ -1,0 +1,307 @@
+"""The generation engine: one image and one question in, a streamed descriptor answer out.
+
+A :class:`Text4SegModel` wraps a LLaVA-style ``LlavaForConditionalGeneration`` with its
+tokenizer, image processor and Text4Seg settings, and decodes greedily with its own loop so
+that every phase is timed, rows can be streamed as they complete, a grammar can constrain the
+answer, and work shared between questions on one image is reused:
+
+* image features (vision tower + projector) are cached by image content;
+* the key/value cache of the prompt up to and including the image is cached too, so a second
+  question on the same image only prefills the question (when the template puts the image
+  first, as the released checkpoint's does).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import codec, prompts
+from .grammar import GrammarConstraint, ebnf, grammar_char_budget
+
+
+@dataclass
+class Settings:
+    """How a checkpoint speaks: its grid, its descriptor format and its prompt template."""
+
+    grid: int = 16
+    fmt: str = "rrle"
+    prompt_style: str = "llava_v1"
+    question_template: int = 0
+
+    def to_dict(self) -> dict:
+        return {"grid": self.grid, "format": self.fmt, "prompt_style": self.prompt_style,
+                "question_template": self.question_template}
+
+
+@dataclass
+class Generation:
+    """A finished answer with its accounting (seconds and token counts)."""
+
+    text: str
+    token_ids: list[int]
+    timings: dict
+    tokens: dict
+    constrained: bool = False
+    replayed: bool = False
+
+
+@dataclass
+class StreamEvent:
+    """One step of a streamed answer: the new text and the grid rows finished so far."""
+
+    delta: str
+    text: str
+    rows: list[list[str]]
+    done: bool = False
+    generation: Generation | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class _LRU(OrderedDict):
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def get(self, key):
+        if key in self:
+            self.move_to_end(key)
+            return super().__getitem__(key)
+        return None
+
+    def put(self, key, value):
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+def image_key(image: Image.Image) -> str:
+    """A content hash of an image: equal pixels, equal key."""
+    digest = hashlib.sha1(image.tobytes())
+    digest.update(f"{image.mode}{image.size}".encode())
+    return digest.hexdigest()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Text4SegModel:
+    """A loaded Text4Seg checkpoint, ready to answer segmentation questions."""
+
+    def __init__(self, model, tokenizer, processor, settings: Settings, name: str = "", quant: str = "fp32",
+                 cache_images: int = 4):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.settings = settings
+        self.name = name
+        self.quant = quant
+        self.image_token_id = model.config.image_token_index
+        self.n_image_tokens = model.config.image_seq_length
+        self._features = _LRU(cache_images)
+        self._prefixes = _LRU(cache_images)
+        self.stats = {"feature_hits": 0, "prefix_hits": 0}
+        self.notes: list[str] = []  # what loading had to change (precision fallbacks)
+        self.memory_bytes = model.get_memory_footprint()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ prompt
+
+    def question(self, expression: str | None = None, classes: Sequence[str] | None = None) -> str:
+        if classes:
+            return prompts.semantic_question(list(classes))
+        return prompts.question(expression, self.settings.question_template)
+
+    def _prompt_ids(self, question: str) -> tuple[list[int], list[int]]:
+        text = prompts.prompt(question, self.settings.prompt_style)
+        before, after = text.split(prompts.IMAGE)
+        encode = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        bos = [self.tokenizer.bos_token_id] if self._wants_bos() else []
+        return bos + encode(before), encode(after)
+
+    def _wants_bos(self) -> bool:
+        return self.settings.prompt_style == "llava_v1" and self.tokenizer.bos_token_id is not None
+
+    def max_new_tokens(self, labels: Sequence[str], fmt: str | None = None, grid: int | None = None) -> int:
+        """Enough tokens for the costliest answer this grid and these labels allow, no more.
+
+        The worst case is measured with the model's own tokenizer: the longest label
+        alternating with ``others`` in every cell, plus the longest lead-in.
+        """
+        fmt, grid = fmt or self.settings.fmt, grid or self.settings.grid
+        longest = max([codec.OTHERS, *labels], key=lambda s: len(self.tokenizer(s, add_special_tokens=False)["input_ids"]))
+        names = [codec.OTHERS, longest] if longest != codec.OTHERS else [codec.OTHERS, "x"]
+        worst = (np.indices((grid, grid)).sum(0) % 2).astype(int)
+        body = codec.encode(worst, names, fmt)
+        lead = max((prompts.lead_in(longest, i) for i in range(len(prompts.LEAD_INS))),
+                   key=lambda s: len(self.tokenizer(s)["input_ids"]))
+        count = len(self.tokenizer(" " + lead + "\n" + codec.wrap(body), add_special_tokens=False)["input_ids"])
+        return count + 8
+
+    # ------------------------------------------------------------------ image
+
+    def pixel_values(self, image: Image.Image) -> torch.Tensor:
+        pixels = self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
+        return pixels.to(self.device, self.model.dtype if self.model.dtype.is_floating_point else torch.float32)
+
+    @torch.no_grad()
+    def image_features(self, image: Image.Image, timings: dict | None = None) -> torch.Tensor:
+        """Projected image tokens (n_image_tokens x hidden), cached by image content."""
+        key = image_key(image)
+        cached = self._features.get(key)
+        timings = timings if timings is not None else {}
+        if cached is not None:
+            self.stats["feature_hits"] += 1
+            timings.update(preprocess=0.0, encode=0.0)
+            return cached
+        t0 = time.perf_counter()
+        pixels = self.pixel_values(image)
+        t1 = time.perf_counter()
+        out = self.model.model.get_image_features(pixel_values=pixels.to(self._vision_dtype()), return_dict=True)
+        features = out.pooler_output
+        features = torch.cat(list(features), dim=0) if isinstance(features, (list, tuple)) else features.reshape(
+            -1, features.shape[-1])
+        _sync(self.device)
+        timings.update(preprocess=t1 - t0, encode=time.perf_counter() - t1)
+        self._features.put(key, features)
+        return features
+
+    def _vision_dtype(self) -> torch.dtype:
+        return next(self.model.model.vision_tower.parameters()).dtype
+
+    # ------------------------------------------------------------------ decoding
+
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        table = self.model.get_input_embeddings()
+        return table(torch.tensor([ids], device=self.device))
+
+    @torch.no_grad()
+    def _prefill(self, image: Image.Image, question: str, timings: dict):
+        """Run the prompt through the model; return (logits of the next token, cache, prompt length)."""
+        from transformers import DynamicCache
+
+        before, after = self._prompt_ids(question)
+        features = self.image_features(image, timings)
+        t0 = time.perf_counter()
+        key = (image_key(image), tuple(before))
+        cache = self._prefixes.get(key)
+        if cache is not None:
+            self.stats["prefix_hits"] += 1
+            cache = copy.deepcopy(cache)
+        else:
+            cache = DynamicCache(config=self.model.config)
+            prefix = torch.cat([self._embed(before), features[None].to(self._embed(before).dtype)], dim=1)
+            self.model(inputs_embeds=prefix, cache=cache, use_cache=True, logits_to_keep=1)
+            self._prefixes.put(key, copy.deepcopy(cache))
+        out = self.model(inputs_embeds=self._embed(after), cache=cache, use_cache=True, logits_to_keep=1)
+        _sync(self.device)
+        timings["prefill"] = time.perf_counter() - t0
+        n_prompt = len(before) + features.shape[0] + len(after)
+        return out.logits[:, -1].float(), cache, n_prompt
+
+    def _step(self, token_id: int, cache) -> torch.Tensor:
+        out = self.model(input_ids=torch.tensor([[token_id]], device=self.device), cache=cache, use_cache=True)
+        return out.logits[:, -1].float()
+
+    @torch.no_grad()
+    def stream(self, image: Image.Image, question: str, labels: Sequence[str], *, fmt: str | None = None,
+               grid: int | None = None, max_new_tokens: int | None = None,
+               constrained: bool = False) -> Iterator[StreamEvent]:
+        """Greedy answer, yielded as text deltas with the grid rows completed so far.
+
+        ``labels`` are the foreground labels the answer may use (the expression, or the classes).
+        """
+        fmt, grid = fmt or self.settings.fmt, grid or self.settings.grid
+        if max_new_tokens:
+            budget = max_new_tokens
+        elif constrained:  # any tokenisation is possible under a grammar: bound by characters
+            budget = grammar_char_budget(grid, grid, labels, fmt)
+        else:
+            budget = self.max_new_tokens(labels, fmt, grid)
+        timings: dict = {}
+        t_start = time.perf_counter()
+        constraint = None
+        if constrained:
+            t0 = time.perf_counter()
+            constraint = GrammarConstraint(self.tokenizer, self.model.config.text_config.vocab_size,
+                                           ebnf(grid, grid, labels, fmt))
+            timings["grammar"] = time.perf_counter() - t0
+        logits, cache, n_prompt = self._prefill(image, question, timings)
+        ids: list[int] = []
+        text = ""
+        eos = self.tokenizer.eos_token_id
+        t_decode = time.perf_counter()
+        while len(ids) < budget:
+            logits[:, self.image_token_id] = float("-inf")
+            if constraint is not None:
+                constraint.mask(logits)
+            token = int(logits.argmax(-1))
+            if constraint is not None:
+                constraint.accept(token)
+            if token == eos:
+                break
+            ids.append(token)
+            new = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if not new.endswith("\ufffd"):
+                delta, text = new[len(text):], new
+                yield StreamEvent(delta, text, codec.completed_rows(text, grid, fmt))
+            if codec.CLOSE_TAG in text or (constraint is not None and constraint.finished):
+                break
+            logits = self._step(token, cache)
+        _sync(self.device)
+        timings["decode"] = time.perf_counter() - t_decode
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        timings["ttft"] = timings.get("preprocess", 0) + timings.get("encode", 0) + timings["prefill"]
+        timings["total"] = time.perf_counter() - t_start
+        tokens = {"prompt": n_prompt, "image": self.n_image_tokens, "generated": len(ids)}
+        generation = Generation(text=text, token_ids=ids, timings=timings, tokens=tokens, constrained=constrained)
+        yield StreamEvent("", text, codec.completed_rows(text, grid, fmt), done=True, generation=generation)
+
+    def generate(self, image: Image.Image, question: str, labels: Sequence[str], **kwargs) -> Generation:
+        """The non-streaming form of :meth:`stream`."""
+        for event in self.stream(image, question, labels, **kwargs):
+            if event.done:
+                return event.generation
+        raise RuntimeError("generation ended without a final event")
+
+    @torch.no_grad()
+    def replay(self, image: Image.Image, question: str, answer: str) -> Generation:
+        """Force-decode ``answer`` token by token: the real cost of writing it with this model.
+
+        Used for the full-length side of an R-RLE-only checkpoint, which would not write it
+        itself; the result is marked ``replayed``.
+        """
+        timings: dict = {}
+        t_start = time.perf_counter()
+        ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        _, cache, n_prompt = self._prefill(image, question, timings)
+        t0 = time.perf_counter()
+        for token in ids[:-1]:
+            self._step(token, cache)
+        _sync(self.device)
+        timings["decode"] = time.perf_counter() - t0
+        timings["ttft"] = timings.get("preprocess", 0) + timings.get("encode", 0) + timings["prefill"]
+        timings["total"] = time.perf_counter() - t_start
+        tokens = {"prompt": n_prompt, "image": self.n_image_tokens, "generated": len(ids)}
+        return Generation(text=answer, token_ids=ids, timings=timings, tokens=tokens, replayed=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def clear_caches(self) -> None:
+        self._features.clear()
+        self._prefixes.clear()

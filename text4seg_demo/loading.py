@@ -1,0 +1,194 @@
+"""Finding, converting and loading Text4Seg checkpoints: presets, hub ids and local directories."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .backend import Settings, Text4SegModel
+from .tokens import ASSETS
+
+QUANTS = ("auto", "4bit", "8bit", "bf16", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class Preset:
+    source: str  # a directory under assets/ or a hub id
+    settings: Settings
+    about: str
+
+
+PRESETS = {
+    "tiny-rrle": Preset(str(ASSETS / "tiny-rrle"), Settings(16, "rrle", "question_first"),
+                        "bundled tiny model, R-RLE, synthetic shapes domain (CPU, offline)"),
+    "tiny-full": Preset(str(ASSETS / "tiny-full"), Settings(16, "full", "question_first"),
+                        "bundled tiny model, full-length descriptors, synthetic shapes domain (CPU, offline)"),
+    "text4seg-llava-7b-p24": Preset("lmc22/text4seg-llava-7b-p24", Settings(24, "rrle", "llava_v1"),
+                                    "the released Text4Seg LLaVA-1.5-7B checkpoint, 24 x 24 grid (GPU recommended)"),
+}
+DEFAULT_MODEL = "tiny-rrle"
+
+
+class ModelUnavailable(RuntimeError):
+    """A model that cannot be had right now; the message names it and says what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TEXT4SEG_CACHE", Path.home() / ".cache" / "text4seg"))
+
+
+def resolve(name: str, download: bool = True) -> Path:
+    """A local directory for a preset, a local path or a Hugging Face hub id.
+
+    Hub downloads show progress bars; offline without a cached copy the error says what to do.
+    """
+    source = PRESETS[name].source if name in PRESETS else name
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if name in PRESETS and source.startswith(str(ASSETS)):
+        raise ModelUnavailable(f"the bundled model {name!r} is missing from {path}; reinstall the project")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        raise ModelUnavailable(f"{name!r} is neither a local directory nor a Hugging Face hub id")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(source, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        if not download:
+            raise ModelUnavailable(f"{source} is not in the local Hugging Face cache") from None
+    try:
+        return Path(snapshot_download(source))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        raise ModelUnavailable(
+            f"cannot download {source}: {type(err).__name__}. Connect to the internet (or set HF_ENDPOINT to a "
+            f"mirror) and run `huggingface-cli download {source}`, pass a local directory with --model, or use "
+            f"the bundled offline model with --model {DEFAULT_MODEL}."
+        ) from None
+
+
+def infer_settings(name: str, directory: Path) -> Settings:
+    """The preset's settings, else the directory's ``text4seg.json``, else guessed from the name."""
+    if name in PRESETS:
+        return PRESETS[name].settings
+    file = directory / "text4seg.json"
+    if file.is_file():
+        data = json.loads(file.read_text())
+        return Settings(data.get("grid", 16), data.get("format", "rrle"), data.get("prompt_style", "llava_v1"),
+                        data.get("question_template", 0))
+    match = re.search(r"p(\d{2})(?!\d)", f"{name} {directory.name}")
+    fmt = "full" if re.search(r"full", name) else "rrle"
+    return Settings(int(match.group(1)) if match else 16, fmt, "llava_v1")
+
+
+def choose_device(requested: str | None = None):
+    import torch
+
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def plan_precision(quant: str, device) -> tuple[str, str]:
+    """What can actually be served for ``quant`` on ``device``, and a note when it differs."""
+    if quant not in QUANTS:
+        raise ValueError(f"unknown --quant {quant!r}; expected one of {QUANTS}")
+    if quant == "auto":
+        return ("4bit", "") if device.type == "cuda" else ("fp16" if device.type == "mps" else "fp32", "")
+    if quant in ("4bit", "8bit"):
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            return "fp32" if device.type == "cpu" else "fp16", f"{quant} needs bitsandbytes (pip install bitsandbytes)"
+        if device.type == "mps":
+            return "fp16", f"bitsandbytes has no {quant} kernels for Apple MPS"
+        if quant == "8bit" and device.type == "cpu":
+            return "fp32", "bitsandbytes 8-bit needs CUDA; 4-bit works on CPU"
+    if quant == "fp16" and device.type == "cpu":
+        return "bf16", "fp16 matrix products are slow or missing on CPU"
+    return quant, ""
+
+
+def _quant_kwargs(quant: str, device) -> dict:
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quant in ("4bit", "8bit"):
+        skip = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]  # matched from the start
+        if quant == "4bit":
+            compute = torch.float16 if device.type == "cuda" else torch.float32
+            config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                        bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=skip)
+        else:
+            config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        return {"quantization_config": config, "dtype": dtype, "device_map": {"": str(device)}}
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[quant]
+    return {"dtype": dtype}
+
+
+def converted_dir(src: Path) -> Path:
+    """Where the transformers copy of an original-LLaVA checkpoint is kept."""
+    stamp = hashlib.sha1(f"{src.resolve()}:{(src / 'config.json').stat().st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "converted" / f"{src.name}-{stamp}"
+
+
+def load(name: str = DEFAULT_MODEL, quant: str = "auto", device: str | None = None, adapter: str | None = None,
+         grid: int | None = None, fmt: str | None = None, prompt_style: str | None = None, log=print) -> Text4SegModel:
+    """Load a model by preset name, hub id or directory, ready to answer.
+
+    Original-LLaVA checkpoints are converted once and cached; precision requests that the
+    machine cannot serve fall back with a note in ``model.notes``.
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+    from .convert import convert, is_original_llava
+
+    directory = resolve(name)
+    settings = infer_settings(name, directory)
+    if is_original_llava(directory):
+        target = converted_dir(directory)
+        if not (target / "text4seg.json").is_file():
+            log(f"converting {name} to the transformers LLaVA layout (once) into {target}")
+            convert(directory, target, log=log)
+        directory = target
+    settings = replace(settings, **{k: v for k, v in (("grid", grid), ("fmt", fmt), ("prompt_style", prompt_style))
+                                    if v is not None})
+    torch_device = choose_device(device)
+    served, note = plan_precision(quant, torch_device)
+    notes = [f"--quant {quant} served as {served}: {note}"] if note else []
+    config = json.loads((directory / "config.json").read_text())
+    if config.get("model_type") != "llava":
+        raise ModelUnavailable(f"{name} is a {config.get('model_type')!r} model; this backend runs LLaVA-architecture "
+                               "checkpoints (LLaVA-hf, the converted Text4Seg release, the bundled tiny models)")
+    kwargs = _quant_kwargs(served, torch_device)
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(directory, **kwargs)
+    except (ImportError, RuntimeError, ValueError) as err:
+        if served not in ("4bit", "8bit"):
+            raise
+        notes.append(f"{served} failed ({err}); loaded in fp32 instead")
+        served = "fp32"
+        model = LlavaForConditionalGeneration.from_pretrained(directory, **_quant_kwargs("fp32", torch_device))
+    if "device_map" not in kwargs:
+        model = model.to(torch_device)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    processor = AutoImageProcessor.from_pretrained(directory)
+    engine = Text4SegModel(model, tokenizer, processor, settings, name=name, quant=served)
+    engine.notes = notes
+    for line in notes:
+        log(line)
+    return engine

@@ -1,0 +1,94 @@
+"""The bundled tiny Text4Seg models: a transformers-native LLaVA small enough for a CPU.
+
+Architecture: a CLIP-style vision tower at 224 px with 14 px patches (one vision token per
+cell of a 16 x 16 grid), a 2-layer MLP projector and a small Llama. The tokenizer is a
+byte-level BPE with the domain's fixed strings added as whole tokens: each expression, each
+``LABEL| `` of full-length descriptors, the counts `` *N`` and the separators. It still
+encodes any text, and decodes exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import prompts
+from .codec import OTHERS, RUN_SEP, ROW_SEP
+from .synth import expressions
+
+IMAGE_SIZE, PATCH = 224, 14
+SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+
+
+def domain_pieces(max_count: int = 64) -> list[str]:
+    """Strings that become single tokens: separators, counts, labels and ``LABEL| ``."""
+    labels = [OTHERS, *expressions()]
+    counts = [f" *{n}" for n in range(1, max_count + 1)]
+    return ["<seg>", "</seg>", RUN_SEP, ROW_SEP, *counts, *labels, *(f"{label}{RUN_SEP}" for label in labels)]
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int = 600):
+    """Train the byte-level BPE on ``corpus`` and add the domain pieces and ``<image>``."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_tokens([AddedToken(p, normalized=False) for p in domain_pieces()])
+    tok.add_special_tokens([AddedToken(prompts.IMAGE, normalized=False, special=True)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL, extra_special_tokens={"image_token": prompts.IMAGE})
+
+
+def training_corpus() -> list[str]:
+    """Questions and lead-ins for every expression: the text the BPE merges are learnt from."""
+    texts = []
+    for expression in expressions():
+        texts += [prompts.question(expression, i) for i in range(len(prompts.QUESTIONS))]
+        texts += [prompts.lead_in(expression, i) for i in range(len(prompts.LEAD_INS))]
+    texts += [prompts.prompt("", style) for style in prompts.TEMPLATES]
+    return texts
+
+
+def build_model(tokenizer, vision_hidden=192, vision_layers=4, text_hidden=256, text_layers=4, seed=0):
+    """A freshly initialised tiny LLaVA for ``tokenizer``."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
+                              num_hidden_layers=vision_layers, num_attention_heads=vision_hidden // 64,
+                              image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=vision_hidden)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=int(text_hidden * 2.75),
+                       num_hidden_layers=text_layers, num_attention_heads=text_hidden // 64,
+                       num_key_value_heads=text_hidden // 64, max_position_embeddings=1024,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids(prompts.IMAGE),
+                         image_seq_length=(IMAGE_SIZE // PATCH) ** 2, vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config)
+
+
+def build_image_processor():
+    """Stretch to 224 x 224 (no crop), CLIP normalisation: the reference's preprocessing."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False,
+                              crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=2)
+
+
+def save_pretrained(model, tokenizer, out: str | Path, settings: dict) -> Path:
+    """Write weights, config, tokenizer, processor and the Text4Seg settings file."""
+    import json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    build_image_processor().save_pretrained(out)
+    (out / "text4seg.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return out

@@ -1,0 +1,257 @@
+"""Training the tiny Text4Seg models from scratch on the synthetic domain (``text4seg train-tiny``).
+
+Plain next-token training collapses to all-``others`` answers: nothing makes the language
+model read the image. The recipe therefore adds two training-only heads whose losses shape
+the hidden states the answer is generated from (neither is used at inference):
+
+* a *patch head* on the image positions: the question comes before the image in the tiny
+  models' template, so each image position can see the expression and is taught whether its
+  patch belongs to the target;
+* a *row head* on the answer positions: from the state that predicts the next descriptor
+  token it must recover that token's grid row (index and foreground cells), which is
+  exactly the read-out the answer needs.
+
+Everything is resumable: ``--resume`` continues from ``OUT/checkpoint.pt`` with the same
+data stream, and every evaluation is appended to ``OUT/log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import codec, prompts, synth, tiny
+from .masks import to_grid
+
+PROMPT_STYLE = "question_first"
+POS_WEIGHT = 3.0  # target patches are few: weigh them up in the auxiliary losses
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    fmt: str = "rrle"
+    grid: int = 16
+    minutes: float = 60.0
+    batch: int = 16
+    lr: float = 2e-3
+    warmup: int = 100
+    seed: int = 0
+    patch_weight: float = 1.0
+    row_weight: float = 1.0
+    eval_every_min: float = 10.0
+    eval_queries: int = 48
+    text_layers: int = 6
+    bf16: bool = True
+
+
+class AuxHeads(nn.Module):
+    """Training-only heads: patch membership at image positions, row read-out at answer positions."""
+
+    def __init__(self, hidden: int, grid: int):
+        super().__init__()
+        self.patch = nn.Linear(hidden, 1)
+        self.row_cells = nn.Linear(hidden, grid)
+        self.row_index = nn.Linear(hidden, grid + 1)
+
+
+def encode_example(tokenizer, processor, image, expression, mask, fmt, grid, rng: random.Random):
+    """Token ids, loss targets and pixels for one (image, expression, mask) triple."""
+    cells = to_grid(mask, grid).astype(bool)
+    body = codec.encode(cells.astype(int), [codec.OTHERS, expression], fmt)
+    prompt = prompts.prompt(prompts.question(expression, None, rng), PROMPT_STYLE)
+    answer = " " + prompts.lead_in(expression) + "\n" + codec.wrap(body) + tokenizer.eos_token
+    before, after = prompt.split(prompts.IMAGE)
+    image_id = tokenizer.convert_tokens_to_ids(prompts.IMAGE)
+    n_image = grid * grid
+    head = tokenizer(before, add_special_tokens=False)["input_ids"] + [image_id] * n_image
+    head += tokenizer(after, add_special_tokens=False)["input_ids"]
+    enc = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
+    ids = head + enc["input_ids"]
+    labels = [-100] * len(head) + enc["input_ids"]
+
+    # grid row of every answer token (-1 outside the body), and LM weights: non-empty rows count more
+    body_start = answer.index("<seg>") + len("<seg>")
+    rows = []
+    for start, _ in enc["offset_mapping"]:
+        k = start - body_start
+        if k < 0 or k >= len(body):
+            rows.append(-1)
+        elif fmt == "rrle":
+            rows.append(min(body[:k].count("\n"), grid - 1))
+        else:
+            rows.append(min(body[:k].count("|") // grid, grid - 1))
+    weights = [0.0] * len(head)
+    previous = -1
+    for r in rows:
+        w = 1.0
+        if r >= 0 and cells[r].any():
+            w = 5.0 if r != previous else 2.0
+        weights.append(w)
+        previous = r
+    # the row head at position t reads the row of token t + 1
+    next_rows = [-1] * len(head) + rows[1:] + [-1]
+    next_rows[len(head) - 1] = rows[0]
+    pixels = processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+    return {"ids": ids, "labels": labels, "weights": weights, "next_rows": next_rows,
+            "image_start": len(tokenizer(before, add_special_tokens=False)["input_ids"]),
+            "cells": cells, "pixels": pixels}
+
+
+def collate(examples, pad_id):
+    n = max(len(e["ids"]) for e in examples)
+
+    def pad(key, value):
+        return torch.tensor([e[key] + [value] * (n - len(e[key])) for e in examples])
+
+    return {
+        "input_ids": pad("ids", pad_id), "labels": pad("labels", -100), "weights": pad("weights", 0.0),
+        "next_rows": pad("next_rows", -1),
+        "attention_mask": torch.tensor([[1] * len(e["ids"]) + [0] * (n - len(e["ids"])) for e in examples]),
+        "pixel_values": torch.stack([e["pixels"] for e in examples]),
+        "image_start": torch.tensor([e["image_start"] for e in examples]),
+        "cells": torch.tensor(np.stack([e["cells"] for e in examples])),
+    }
+
+
+def losses(model, heads, batch, grid):
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"], output_hidden_states=True)
+    logits = out.logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    weights = batch["weights"][:, 1:] * (targets != -100)
+    ce = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+    lm = (ce * weights).sum() / weights.sum()
+
+    states = out.hidden_states
+    mid = states[len(states) // 2].float()
+    idx = batch["image_start"][:, None] + torch.arange(grid * grid)[None]
+    image_states = torch.gather(mid, 1, idx[..., None].expand(-1, -1, mid.shape[-1]))
+    cells = batch["cells"].flatten(1).float()
+    patch = F.binary_cross_entropy_with_logits(heads.patch(image_states).squeeze(-1), cells,
+                                               pos_weight=torch.tensor(POS_WEIGHT))
+
+    last = states[-1].float()
+    rows = batch["next_rows"]
+    sel = rows >= 0
+    row_states = last[sel]
+    row_targets = rows[sel]
+    owner = torch.arange(rows.shape[0])[:, None].expand_as(rows)[sel]
+    row_cells = batch["cells"].float()[owner, row_targets]
+    row = F.binary_cross_entropy_with_logits(heads.row_cells(row_states), row_cells,
+                                             pos_weight=torch.tensor(POS_WEIGHT))
+    row = row + F.cross_entropy(heads.row_index(row_states), row_targets)
+    return lm, patch, row
+
+
+def cosine(step, warmup, total):
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+@torch.no_grad()
+def grid_ciou(model, tokenizer, processor, queries, fmt, grid) -> dict:
+    """Greedy answers for held-out queries, scored on the grid: cIoU and malformed rate."""
+    from .backend import Settings, Text4SegModel
+
+    engine = Text4SegModel(model, tokenizer, processor, Settings(grid, fmt, PROMPT_STYLE), cache_images=0)
+    inter = union = malformed = 0
+    for image, expression, mask in queries:
+        text = engine.generate(image, engine.question(expression), [expression]).text
+        parsed = codec.parse_answer(text, grid, fmt=fmt)
+        truth = to_grid(mask, grid).astype(bool)
+        pred = parsed.mask()
+        inter += int((pred & truth).sum())
+        union += int((pred | truth).sum())
+        malformed += bool(parsed.diagnostics)
+    model.train()
+    return {"grid_ciou": inter / union if union else 1.0, "malformed_rate": malformed / len(queries)}
+
+
+def held_out(n: int, seed: int = 10**6):
+    maker = synth.SceneMaker(seed)
+    return [synth.sample(maker, synth.KINDS[i % len(synth.KINDS)]) for i in range(n)]
+
+
+def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    ckpt_path = out / "checkpoint.pt"
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        cfg = TrainConfig(**{**state["config"], "minutes": cfg.minutes, "out": cfg.out})
+    else:
+        state = None
+    tokenizer = tiny.build_tokenizer(tiny.training_corpus())
+    processor = tiny.build_image_processor()
+    model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed)
+    heads = AuxHeads(model.config.text_config.hidden_size, cfg.grid)
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    maker, rng = synth.SceneMaker(cfg.seed), random.Random(cfg.seed)
+    step, elapsed = 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
+        opt.load_state_dict(state["opt"])
+        maker.rng.bit_generator.state = state["maker"]
+        rng.setstate(state["rng"])
+        step, elapsed = state["step"], state["elapsed"]
+        log(f"resumed at step {step} ({elapsed / 60:.1f} min)")
+    queries = held_out(cfg.eval_queries)
+    budget = cfg.minutes * 60
+    est_total = max(step + 1, int(budget / 2.0))  # steps, re-estimated as we go
+    last_eval, t0 = elapsed, time.time() - elapsed
+    model.train()
+
+    def save():
+        torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
+                    "maker": maker.rng.bit_generator.state, "rng": rng.getstate(), "step": step,
+                    "elapsed": time.time() - t0, "config": asdict(cfg)}, ckpt_path)
+
+    def evaluate():
+        metrics = grid_ciou(model, tokenizer, processor, queries, cfg.fmt, cfg.grid)
+        record = {"step": step, "minutes": round((time.time() - t0) / 60, 2), **metrics}
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log(json.dumps(record))
+        return metrics
+
+    while time.time() - t0 < budget:
+        batch = collate([encode_example(tokenizer, processor, *synth.sample(maker), cfg.fmt, cfg.grid, rng)
+                         for _ in range(cfg.batch)], tokenizer.pad_token_id)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * cosine(step, cfg.warmup, est_total)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            lm, patch, row = losses(model, heads, batch, cfg.grid)
+        loss = lm + cfg.patch_weight * patch + cfg.row_weight * row
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        spent = time.time() - t0
+        est_total = max(step + 1, int(step * budget / max(spent, 1e-6)))
+        if step % 20 == 0:
+            log(f"step {step} {spent / 60:.1f} min lm {lm.item():.4f} patch {patch.item():.4f} row {row.item():.4f}")
+        if spent - last_eval >= cfg.eval_every_min * 60:
+            save()
+            evaluate()
+            last_eval = spent
+    save()
+    metrics = evaluate()
+    settings = {"grid": cfg.grid, "format": cfg.fmt, "prompt_style": PROMPT_STYLE, "question_template": 0,
+                "training": {**asdict(cfg), "steps": step, "minutes": round((time.time() - t0) / 60, 1)},
+                "metrics": metrics}
+    return tiny.save_pretrained(model, tokenizer, out / "model", settings)
