@@ -132,6 +132,56 @@ def cmd_convert_llava(args) -> int:
     return 0
 
 
+def cmd_synth(args) -> int:
+    from tqdm import tqdm
+
+    from .synth import make_dataset
+
+    with tqdm(total=args.n_images, desc="synth", unit="image") as bar:
+        manifest = make_dataset(args.out, args.n_images, args.seed, args.queries_per_image,
+                                progress=lambda n: bar.update(1))
+    print(f"{sum(1 for _ in open(manifest))} queries written to {manifest}", file=sys.stderr)
+    return 0
+
+
+def cmd_train_tiny(args) -> int:
+    import torch
+
+    from .train import TrainConfig, train
+
+    torch.set_num_threads(args.threads)
+    cfg = TrainConfig(out=str(args.out), fmt=args.format, grid=args.grid, minutes=args.minutes, batch=args.batch,
+                      lr=args.lr, seed=args.seed, eval_every_min=args.eval_every)
+    path = train(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"model written to {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate
+
+    engine = _load_model(args)
+    report = evaluate(engine, args.data, refiner=_refiner(args), constrained=args.constrained, limit=args.limit)
+    _emit(report, args.json, drop=("queries",))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import bench
+
+    report = bench(args.data, args.rrle_model, args.full_model, limit=args.limit,
+                   log=lambda m: print(m, file=sys.stderr))
+    _emit(report, args.json)
+    return 0
+
+
+def _emit(report: dict, path: Path | None, drop=()) -> None:
+    """The whole report to ``path``; to stdout the report without bulky per-query fields."""
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k not in drop}, indent=2))
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -187,6 +237,43 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--json", type=Path, help="write the result JSON here instead of stdout")
     seg.add_argument("--mask", type=Path, help="write the final binary mask PNG here")
     seg.set_defaults(func=cmd_segment)
+
+    syn = commands.add_parser("synth", help="write a synthetic referring-segmentation set with a manifest")
+    syn.add_argument("--out", type=Path, required=True)
+    syn.add_argument("--n-images", type=int, default=500)
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--queries-per-image", type=int, default=2)
+    syn.set_defaults(func=cmd_synth)
+
+    tt = commands.add_parser("train-tiny", help="train a tiny Text4Seg model from scratch on the synthetic domain")
+    tt.add_argument("--out", type=Path, required=True, help="run directory (checkpoint, log.jsonl, model/)")
+    tt.add_argument("--format", choices=("rrle", "full"), default="rrle")
+    tt.add_argument("--grid", type=_grid, default=16)
+    tt.add_argument("--minutes", type=float, default=60, help="wall-clock budget of this run (default 60)")
+    tt.add_argument("--batch", type=int, default=16)
+    tt.add_argument("--lr", type=float, default=2e-3)
+    tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--eval-every", type=float, default=10, help="minutes between held-out evaluations")
+    tt.add_argument("--threads", type=int, default=2)
+    tt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    tt.set_defaults(func=cmd_train_tiny)
+
+    ev = commands.add_parser("eval", help="score a model on a manifest (cIoU, gIoU, grid cIoU, malformed rate)")
+    ev.add_argument("--data", type=Path, required=True, help="directory with manifest.jsonl")
+    _model_options(ev)
+    ev.add_argument("--refine", default="none", help="none, grabcut, sam, sam-lite or auto")
+    ev.add_argument("--constrained", action="store_true")
+    ev.add_argument("--limit", type=int, help="only the first N queries")
+    ev.add_argument("--json", type=Path, help="write the full report (with per-query rows) here")
+    ev.set_defaults(func=cmd_eval)
+
+    be = commands.add_parser("bench", help="R-RLE vs full-length, constrained decoding and caches, as ratios")
+    be.add_argument("--data", type=Path, required=True, help="directory with manifest.jsonl")
+    be.add_argument("--rrle-model", default="tiny-rrle")
+    be.add_argument("--full-model", default="tiny-full")
+    be.add_argument("--limit", type=int, default=100, help="queries to run (default 100)")
+    be.add_argument("--json", type=Path)
+    be.set_defaults(func=cmd_bench)
 
     conv = commands.add_parser("convert-llava", help="convert an original-LLaVA checkpoint to transformers' layout")
     conv.add_argument("src", type=Path)

@@ -104,7 +104,8 @@ def segment_stream(engine: Text4SegModel, image: Image.Image, request: Request,
     refined, refine_info = None, {"refiner": "none"}
     if refiner is not None:
         t0 = time.perf_counter()
-        outcome = refiner.refine(image, coarse, parsed.labels, points=request.sam_points, seed=request.seed)
+        outcome = refiner.refine(image, coarse, parsed.labels, grid=grid_size, points=request.sam_points,
+                                 seed=request.seed)
         timings["refine"] = time.perf_counter() - t0
         refined, refine_info = outcome.mask, outcome.info
         timings["total"] += timings["refine"]

@@ -1,0 +1,122 @@
+"""``text4seg bench``: R-RLE against full-length descriptors, side by side in one run.
+
+Every figure is a ratio of two measurements taken in the same process on the same queries:
+the bundled R-RLE and full-length models; constrained against free decoding; a second
+question on an image against the first; and the ground-truth masks' descriptors counted
+with the released checkpoint's LLaMA tokenizer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from . import codec
+from .dataset import read_manifest
+from .images import prepare
+from .masks import load_mask, to_grid
+from .pipeline import Request, segment
+from .tokens import count_tokens, load_tokenizer
+
+
+def _mean(values) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def _run(engine, items, constrained=False, desc=""):
+    rows = []
+    for image, expression in tqdm(items, desc=desc, unit="query", leave=False):
+        result = segment(engine, image, Request(expression=expression, constrained=constrained))
+        rows.append({"generated": result.tokens["generated"], "decode_s": result.timings["decode"],
+                     "total_s": result.timings["total"], "ttft_s": result.timings["ttft"],
+                     "malformed": bool(result.diagnostics), "grid": result.grid, "labels": result.labels,
+                     "text": result.text, "expression": expression, "image": image})
+    return rows
+
+
+def _summary(rows) -> dict:
+    return {"mean_generated_tokens": _mean([r["generated"] for r in rows]),
+            "mean_decode_s": _mean([r["decode_s"] for r in rows]), "mean_total_s": _mean([r["total_s"] for r in rows]),
+            "mean_ttft_s": _mean([r["ttft_s"] for r in rows]),
+            "decode_tokens_per_s": _mean([r["generated"] / r["decode_s"] for r in rows if r["decode_s"] > 0]),
+            "malformed_rate": _mean([r["malformed"] for r in rows])}
+
+
+def bench(data: str, rrle_model: str = "tiny-rrle", full_model: str = "tiny-full", limit: int | None = 100,
+          log=print) -> dict:
+    from .loading import load
+
+    queries = read_manifest(data, limit)
+    items = [(prepare(q.image, max_side=10**6)[0], q.expression) for q in queries]
+    rrle, full = load(rrle_model, log=log), load(full_model, log=log)
+    for engine in (rrle, full):  # one warm-up query each, outside the measurement
+        segment(engine, items[0][0], Request(expression=items[0][1]))
+    rrle_rows = _run(rrle, items, desc="R-RLE")
+    full_rows = _run(full, items, desc="full-length")
+    r, f = _summary(rrle_rows), _summary(full_rows)
+    out = {
+        "n": len(items), "models": {"rrle": rrle_model, "full": full_model},
+        "token_reduction": 1 - r["mean_generated_tokens"] / f["mean_generated_tokens"],
+        "decode_speedup": f["mean_decode_s"] / r["mean_decode_s"],
+        "total_speedup": f["mean_total_s"] / r["mean_total_s"],
+        "rrle": r, "full": f,
+        "ground_truth_llama": _ground_truth(queries, rrle.settings.grid),
+        "replayed_full": _replayed(rrle, rrle_rows[: min(20, len(rrle_rows))]),
+        "constrained": _constrained(rrle, items[: min(20, len(items))], rrle_rows),
+        "prefix_cache": _prefix_cache(rrle, items[: min(20, len(items))]),
+    }
+    return out
+
+
+def _ground_truth(queries, grid: int) -> dict:
+    """The true masks' descriptors under the released checkpoint's LLaMA tokenizer."""
+    tokenizer = load_tokenizer("llama")
+    counts = {"rrle": [], "full": []}
+    for q in queries:
+        cells = to_grid(load_mask(q.mask).astype(np.uint8), grid).astype(int)
+        for fmt in counts:
+            counts[fmt].append(count_tokens(tokenizer, codec.encode(cells, [codec.OTHERS, q.expression], fmt)))
+    rrle, full = _mean(counts["rrle"]), _mean(counts["full"])
+    return {"mean_tokens_rrle": rrle, "mean_tokens_full": full, "token_reduction": 1 - rrle / full,
+            "decode_speedup_at_equal_token_cost": full / rrle}
+
+
+def _replayed(engine, rows) -> dict:
+    """The full-length text of the R-RLE model's own grids, force-decoded through it."""
+    decode, tokens = [], []
+    for row in rows:
+        answer = codec.wrap(codec.encode(row["grid"], row["labels"], "full"), "Sure:")
+        question = engine.question(row["expression"])
+        gen = engine.replay(row["image"], question, answer)
+        decode.append(gen.timings["decode"])
+        tokens.append(gen.tokens["generated"])
+    own = _mean([r["decode_s"] for r in rows])
+    return {"replayed": True, "n": len(rows), "mean_tokens": _mean(tokens), "mean_decode_s": _mean(decode),
+            "decode_speedup": _mean(decode) / own}
+
+
+def _constrained(engine, items, free_rows) -> dict:
+    rows = _run(engine, items, constrained=True, desc="constrained")
+    free = free_rows[: len(rows)]
+    c_tok = _mean([r["decode_s"] / max(1, r["generated"]) for r in rows])
+    f_tok = _mean([r["decode_s"] / max(1, r["generated"]) for r in free])
+    return {"n": len(rows), "per_token_decode_overhead": c_tok / f_tok,
+            "total_overhead": _mean([r["total_s"] for r in rows]) / _mean([r["total_s"] for r in free]),
+            "malformed_rate": _mean([r["malformed"] for r in rows])}
+
+
+def _prefix_cache(engine, items) -> dict:
+    """Time to first token for a first question on an image against a second, different one."""
+    cold, warm = [], []
+    for image, expression in items:
+        engine.clear_caches()
+        first = segment(engine, image, Request(expression=expression))
+        second = segment(engine, image, Request(expression=_other(expression)))
+        cold.append(first.timings["ttft"])
+        warm.append(second.timings["ttft"])
+    return {"n": len(items), "prompt_style": engine.settings.prompt_style, "cold_ttft_s": _mean(cold),
+            "warm_ttft_s": _mean(warm), "speedup": _mean(cold) / _mean(warm)}
+
+
+def _other(expression: str) -> str:
+    return "all triangles" if expression != "all triangles" else "all circles"
