@@ -1,0 +1,21 @@
+"""Text4Seg demo: `python app.py` (Hugging Face Spaces runs this file).
+
+Host and port follow Gradio's conventions (GRADIO_SERVER_NAME, GRADIO_SERVER_PORT);
+TEXT4SEG_MODEL or --model picks the model.
+"""
+
+import argparse
+
+from text4seg_demo.ui import build_demo, launch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="preset, hub id or local directory (default: best for this machine)")
+    parser.add_argument("--share", action="store_true", help="also serve through a public Gradio link")
+    args = parser.parse_args()
+    launch(build_demo(args.model), share=args.share, show_error=True)
+
+
+if __name__ == "__main__":
+    main()
