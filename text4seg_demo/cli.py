@@ -150,6 +150,11 @@ def cmd_train_tiny(args) -> int:
     from .train import TrainConfig, train
 
     torch.set_num_threads(args.threads)
+    if args.card:
+        from .tiny import write_card
+
+        print(f"model card written to {write_card(args.out, args.out.name) / 'README.md'}", file=sys.stderr)
+        return 0
     cfg = TrainConfig(out=str(args.out), fmt=args.format, grid=args.grid, minutes=args.minutes, batch=args.batch,
                       lr=args.lr, seed=args.seed, eval_every_min=args.eval_every)
     path = train(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -160,8 +165,9 @@ def cmd_train_tiny(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import evaluate
 
-    engine = _load_model(args)
-    report = evaluate(engine, args.data, refiner=_refiner(args), constrained=args.constrained, limit=args.limit)
+    engine = None if args.oracle else _load_model(args)
+    report = evaluate(engine, args.data, refiner=_refiner(args), constrained=args.constrained, limit=args.limit,
+                      grid=args.grid)
     _emit(report, args.json, drop=("queries",))
     return 0
 
@@ -256,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--eval-every", type=float, default=10, help="minutes between held-out evaluations")
     tt.add_argument("--threads", type=int, default=2)
     tt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    tt.add_argument("--card", action="store_true", help="only (re)write OUT/model's card and fixed-query metric")
     tt.set_defaults(func=cmd_train_tiny)
 
     ev = commands.add_parser("eval", help="score a model on a manifest (cIoU, gIoU, grid cIoU, malformed rate)")
@@ -264,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--refine", default="none", help="none, grabcut, sam, sam-lite or auto")
     ev.add_argument("--constrained", action="store_true")
     ev.add_argument("--limit", type=int, help="only the first N queries")
+    ev.add_argument("--oracle", action="store_true",
+                    help="no model: the truth taken to the grid is the coarse mask (measures a refiner alone)")
+    ev.add_argument("--grid", type=_grid, default=16, help="grid of the --oracle coarse mask (default 16)")
     ev.add_argument("--json", type=Path, help="write the full report (with per-query rows) here")
     ev.set_defaults(func=cmd_eval)
 

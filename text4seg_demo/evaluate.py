@@ -12,23 +12,37 @@ from .dataset import read_manifest
 from .images import prepare
 from .masks import load_mask, to_grid, to_image
 from .metrics import IoUMeter
-from .pipeline import Request, segment
+from .pipeline import Request, Result, segment
 
 
-def evaluate(engine: Text4SegModel, data: str, refiner=None, constrained: bool = False, limit: int | None = None,
-             progress: bool = True) -> dict:
-    """Score every query of ``data``; the JSON fields are documented in the README."""
+def evaluate(engine: Text4SegModel | None, data: str, refiner=None, constrained: bool = False,
+             limit: int | None = None, progress: bool = True, grid: int = 16) -> dict:
+    """Score every query of ``data``; the JSON fields are documented in the README.
+
+    With ``engine=None`` the coarse mask is the oracle one (the truth taken to the grid and
+    back), which measures a refiner on its own; each refine then runs twice on its image to
+    time a first and a repeat query.
+    """
     queries = read_manifest(data, limit)
     coarse, refined, grid_meter, oracle = IoUMeter(), IoUMeter(), IoUMeter(), IoUMeter()
-    rows, malformed, tokens, latency = [], 0, [], []
-    grid = engine.settings.grid
-    for q in tqdm(queries, desc=f"eval {engine.name}", disable=not progress, unit="query"):
+    rows, malformed, tokens, latency, first, repeat = [], 0, [], [], [], []
+    grid = engine.settings.grid if engine is not None else grid
+    name = engine.name if engine is not None else "oracle"
+    for q in tqdm(queries, desc=f"eval {name}", disable=not progress, unit="query"):
         image, _ = prepare(q.image, max_side=10**6)
         truth = load_mask(q.mask)
-        t0 = time.perf_counter()
-        result = segment(engine, image, Request(expression=q.expression, constrained=constrained), refiner)
-        latency.append(time.perf_counter() - t0)
         truth_grid = to_grid(truth.astype(np.uint8), grid).astype(bool)
+        t0 = time.perf_counter()
+        if engine is None:
+            result = _oracle(image, q.expression, truth_grid, refiner, grid)
+            if refiner is not None:
+                first.append(result.timings["refine"])
+                t1 = time.perf_counter()
+                refiner.refine(image, result.coarse, result.labels, grid=grid)
+                repeat.append(time.perf_counter() - t1)
+        else:
+            result = segment(engine, image, Request(expression=q.expression, constrained=constrained), refiner)
+        latency.append(time.perf_counter() - t0)
         row = {"image": str(q.image), "expression": q.expression,
                "iou_coarse": coarse.add(result.coarse > 0, truth),
                "iou_grid": grid_meter.add(result.grid > 0, truth_grid),
@@ -41,8 +55,8 @@ def evaluate(engine: Text4SegModel, data: str, refiner=None, constrained: bool =
         tokens.append(result.tokens["generated"])
         rows.append(row)
     n = len(rows)
-    return {
-        "model": engine.name, "n": n, "refiner": getattr(refiner, "name", "none"), "constrained": constrained,
+    report = {
+        "model": name, "n": n, "refiner": getattr(refiner, "name", "none"), "constrained": constrained,
         "ciou": {"coarse": coarse.ciou, "refined": refined.ciou},
         "giou": {"coarse": coarse.giou, "refined": refined.giou},
         "grid_ciou": grid_meter.ciou, "oracle_ciou": oracle.ciou,
@@ -51,3 +65,22 @@ def evaluate(engine: Text4SegModel, data: str, refiner=None, constrained: bool =
         "mean_latency_s": float(np.mean(latency)) if n else None,
         "queries": rows,
     }
+    if repeat:
+        report["refine_first_s"] = float(np.mean(first))
+        report["refine_repeat_s"] = float(np.mean(repeat))
+    return report
+
+
+def _oracle(image, expression: str, truth_grid: np.ndarray, refiner, grid: int) -> Result:
+    """A result whose answer is the ground truth on the grid, refined like a model's would be."""
+    labels = ["others", expression]
+    coarse = to_image(truth_grid.astype(np.int32), image.height, image.width)
+    timings, refined, info = {"total": 0.0}, None, {"refiner": "none"}
+    if refiner is not None:
+        t0 = time.perf_counter()
+        outcome = refiner.refine(image, coarse, labels, grid=grid)
+        timings["refine"] = timings["total"] = time.perf_counter() - t0
+        refined, info = outcome.mask, outcome.info
+    return Result(text="", grid=truth_grid.astype(np.int32), labels=labels, diagnostics=[], coarse=coarse,
+                  refined=refined, tokens={"generated": 0}, timings=timings, model="oracle", quant="-", device="cpu",
+                  fmt="rrle", constrained=False, refine=info)

@@ -82,13 +82,84 @@ def build_image_processor():
 
 
 def save_pretrained(model, tokenizer, out: str | Path, settings: dict) -> Path:
-    """Write weights, config, tokenizer, processor and the Text4Seg settings file."""
+    """Write weights (fp16), config, tokenizer, processor and the Text4Seg settings file."""
     import json
+
+    import torch
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.to(torch.float16).save_pretrained(out, safe_serialization=True)  # half the size; loaded back as fp32
     tokenizer.save_pretrained(out)
     build_image_processor().save_pretrained(out)
     (out / "text4seg.json").write_text(json.dumps(settings, indent=2) + "\n")
     return out
+
+
+FIXED_QUERIES_SEED, FIXED_QUERIES = 777, 20
+
+
+def fixed_queries():
+    """The 20 held-out queries every bundled model card states its grid cIoU on."""
+    from .synth import KINDS, SceneMaker, sample
+
+    maker = SceneMaker(FIXED_QUERIES_SEED)
+    return [sample(maker, KINDS[i % len(KINDS)]) for i in range(FIXED_QUERIES)]
+
+
+def fixed_grid_ciou(engine) -> float:
+    """Grid cIoU of a loaded model on :func:`fixed_queries` (greedy, unconstrained)."""
+    from .codec import parse_answer
+    from .masks import to_grid
+    from .metrics import IoUMeter
+
+    meter = IoUMeter()
+    for image, expression, mask in fixed_queries():
+        text = engine.generate(image, engine.question(expression), [expression]).text
+        meter.add(parse_answer(text, engine.settings.grid, fmt=engine.settings.fmt).mask(),
+                  to_grid(mask.astype("uint8"), engine.settings.grid).astype(bool))
+    return meter.ciou
+
+
+def write_card(run: str | Path, name: str) -> Path:
+    """The model card of a finished run's ``model/``: data, size, steps, time, metrics, attempts."""
+    import json
+
+    from .loading import load
+
+    run = Path(run)
+    model_dir = run / "model"
+    settings = json.loads((model_dir / "text4seg.json").read_text())
+    engine = load(str(model_dir), log=lambda m: None)
+    settings.setdefault("metrics", {})["fixed20_grid_ciou"] = round(fixed_grid_ciou(engine), 4)
+    (model_dir / "text4seg.json").write_text(json.dumps(settings, indent=2) + "\n")
+    params = sum(p.numel() for p in engine.model.parameters())
+    curve = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    t = settings["training"]
+    lines = [
+        f"# {name}: a tiny Text4Seg model ({'R-RLE' if settings['format'] == 'rrle' else 'full-length'} descriptors)",
+        "",
+        "Trained from scratch on CPU by text4seg-demo on its synthetic shapes domain (`text4seg synth`), "
+        "speaking the released checkpoint's language: the SPEC's question templates, the lead-in "
+        "`Sure, here is the segmentation mask for '<expression>':`, `<seg>` wrapping, `others` for background, "
+        f"a {settings['grid']} x {settings['grid']} grid. Prompt template: `{settings['prompt_style']}` "
+        "(the question before the image).",
+        "",
+        f"- architecture: transformers `LlavaForConditionalGeneration`, CLIP-style tower 192 x 4 layers at "
+        f"224 px / 14 px patches, 2-layer MLP projector, Llama 256 x {t['text_layers']} layers; {params / 1e6:.2f}M parameters",
+        "- tokenizer: byte-level BPE with the domain's labels, `LABEL| `, ` *N`, `| ` and `\\n ` as whole tokens",
+        f"- training: {t['steps']} steps of batch {t['batch']} (fresh synthetic samples, seed {t['seed']}), AdamW "
+        f"{t['lr']}, bf16 autocast, {t['minutes']} minutes wall time (CPU), with training-only patch and row heads "
+        "(see `text4seg_demo/train.py`)",
+        f"- command: `text4seg train-tiny --out RUN --format {settings['format']} --grid {settings['grid']} "
+        f"--minutes M [--resume]`",
+        f"- grid cIoU on the 20 fixed queries of `tiny.fixed_queries()`: {settings['metrics']['fixed20_grid_ciou']}",
+        "",
+        "Held-out grid cIoU during training (greedy answers to generated queries):",
+        "",
+        "| step | minutes | grid cIoU | malformed |",
+        "|---|---|---|---|",
+        *[f"| {c['step']} | {c['minutes']} | {c['grid_ciou']:.3f} | {c['malformed_rate']:.3f} |" for c in curve],
+    ]
+    (model_dir / "README.md").write_text("\n".join(lines) + "\n")
+    return model_dir

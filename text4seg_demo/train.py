@@ -250,8 +250,20 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
             evaluate()
             last_eval = spent
     save()
-    metrics = evaluate()
+    evaluate()
+    return export(out)
+
+
+def export(run: str | Path) -> Path:
+    """Write ``RUN/model`` (a loadable model directory) from ``RUN/checkpoint.pt``."""
+    run = Path(run)
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    cfg = TrainConfig(**state["config"])
+    tokenizer = tiny.build_tokenizer(tiny.training_corpus())
+    model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed)
+    model.load_state_dict(state["model"])
+    curve = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     settings = {"grid": cfg.grid, "format": cfg.fmt, "prompt_style": PROMPT_STYLE, "question_template": 0,
-                "training": {**asdict(cfg), "steps": step, "minutes": round((time.time() - t0) / 60, 1)},
-                "metrics": metrics}
-    return tiny.save_pretrained(model, tokenizer, out / "model", settings)
+                "training": {**asdict(cfg), "steps": state["step"], "minutes": round(state["elapsed"] / 60, 1)},
+                "metrics": {k: v for k, v in curve[-1].items() if k not in ("step", "minutes")} if curve else {}}
+    return tiny.save_pretrained(model, tokenizer, run / "model", settings)
