@@ -100,8 +100,8 @@ def cmd_segment(args) -> int:
     engine = _load_model(args)
     refiner = _refiner(args)
     request = Request(expression=args.expression, classes=args.classes, fmt=args.format, grid=args.grid,
-                      constrained=args.constrained, max_new_tokens=args.max_new_tokens, refine=args.refine,
-                      sam_points=args.points, seed=args.seed)
+                      constrained=args.constrained, max_new_tokens=args.max_new_tokens, sam_points=args.points,
+                      seed=args.seed)
     result = segment(engine, image, request, refiner)
     result.notes[:0] = notes
     doc = result.to_json()
@@ -122,7 +122,7 @@ def _refiner(args):
         return None
     from .refine import build_refiner
 
-    return build_refiner(args.refine, device=args.device, checkpoint=getattr(args, "sam_checkpoint", None))
+    return build_refiner(args.refine, device=args.device, checkpoint=args.sam_checkpoint)
 
 
 def cmd_convert_llava(args) -> int:
@@ -150,6 +150,11 @@ def cmd_train_tiny(args) -> int:
     from .train import TrainConfig, train
 
     torch.set_num_threads(args.threads)
+    if args.probe:
+        from .train import probe
+
+        print(json.dumps(probe(args.out)))
+        return 0
     if args.card:
         from .tiny import write_card
 
@@ -189,6 +194,12 @@ def _emit(report: dict, path: Path | None, drop=()) -> None:
 
 
 # --------------------------------------------------------------------------- parser
+
+
+def _refine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--refine", default="none",
+                   help="none, auto, grabcut, sam (ViT-H), sam-vit_l, sam-vit_b or sam-lite (experimental)")
+    p.add_argument("--sam-checkpoint", help="a local SAM checkpoint file instead of the cached download")
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -237,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--format", choices=("rrle", "full", "irle"), help="override the model's descriptor format")
     seg.add_argument("--constrained", action="store_true", help="grammar-constrained decoding: always well formed")
     seg.add_argument("--max-new-tokens", type=int, help="default: the worst case for the grid and labels")
-    seg.add_argument("--refine", default="none", help="none, grabcut, sam, sam-lite or auto")
+    _refine_options(seg)
     seg.add_argument("--points", type=int, default=10, help="SAM point prompts per side (default 10)")
     seg.add_argument("--seed", type=int, default=0)
     seg.add_argument("--json", type=Path, help="write the result JSON here instead of stdout")
@@ -263,12 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--threads", type=int, default=2)
     tt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     tt.add_argument("--card", action="store_true", help="only (re)write OUT/model's card and fixed-query metric")
+    tt.add_argument("--probe", action="store_true",
+                    help="only report where OUT's checkpoint grounds (training heads, teacher-forced)")
     tt.set_defaults(func=cmd_train_tiny)
 
     ev = commands.add_parser("eval", help="score a model on a manifest (cIoU, gIoU, grid cIoU, malformed rate)")
     ev.add_argument("--data", type=Path, required=True, help="directory with manifest.jsonl")
     _model_options(ev)
-    ev.add_argument("--refine", default="none", help="none, grabcut, sam, sam-lite or auto")
+    _refine_options(ev)
     ev.add_argument("--constrained", action="store_true")
     ev.add_argument("--limit", type=int, help="only the first N queries")
     ev.add_argument("--oracle", action="store_true",

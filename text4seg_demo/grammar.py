@@ -15,6 +15,11 @@ from .codec import OTHERS, check_label
 LEAD_IN_CHARS = 100
 
 
+def lead_chars(labels: Sequence[str]) -> int:
+    """Room for a free lead-in sentence, which usually repeats the expression."""
+    return LEAD_IN_CHARS + max(len(label) for label in labels)
+
+
 def _literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
@@ -26,7 +31,7 @@ def ebnf(height: int, width: int, labels: Sequence[str], fmt: str = "rrle") -> s
         check_label(label)
     lines = [
         'root ::= lead "\\n<seg>" body "</seg>"',
-        f"lead ::= [^\\n<]{{0,{LEAD_IN_CHARS}}}",
+        f"lead ::= [^\\n<]{{0,{lead_chars(labels)}}}",
         "label ::= " + " | ".join(_literal(label) for label in labels),
     ]
     if fmt == "rrle":
@@ -46,7 +51,7 @@ def grammar_char_budget(height: int, width: int, labels: Sequence[str], fmt: str
     longest = max([OTHERS, *labels], key=len)
     run = len(longest) + len(f" *{width}| ")
     per_row = width * run if fmt == "rrle" else width * (len(longest) + 2)
-    return LEAD_IN_CHARS + len("\n<seg></seg>") + height * (per_row + 2) + 1
+    return lead_chars([OTHERS, *labels]) + len("\n<seg></seg>") + height * (per_row + 2) + 1
 
 
 class GrammarConstraint:

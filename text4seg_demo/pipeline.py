@@ -31,7 +31,6 @@ class Request:
     grid: int | None = None
     constrained: bool = False
     max_new_tokens: int | None = None
-    refine: str = "none"
     sam_points: int = 10
     seed: int = 0
 

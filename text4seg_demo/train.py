@@ -254,6 +254,38 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     return export(out)
 
 
+@torch.no_grad()
+def probe(run: str | Path, n: int = 32) -> dict:
+    """Where a run's grounding lives, teacher-forced on held-out queries: the patch head's cIoU
+    at the image positions, the row head's cIoU on the row being written, and how often the
+    row head knows which row that is."""
+    state = torch.load(Path(run) / "checkpoint.pt", weights_only=False)
+    cfg = TrainConfig(**state["config"])
+    tokenizer, processor = tiny.build_tokenizer(tiny.training_corpus()), tiny.build_image_processor()
+    model = tiny.build_model(tokenizer, text_layers=cfg.text_layers)
+    model.load_state_dict(state["model"])
+    heads = AuxHeads(model.config.text_config.hidden_size, cfg.grid)
+    heads.load_state_dict(state["heads"])
+    model.eval()
+    rng, counts = random.Random(0), np.zeros(6)
+    for image, expression, mask in held_out(n):
+        batch = collate([encode_example(tokenizer, processor, image, expression, mask, cfg.fmt, cfg.grid, rng)],
+                        tokenizer.pad_token_id)
+        states = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                       output_hidden_states=True).hidden_states
+        start = int(batch["image_start"][0])
+        patch = heads.patch(states[len(states) // 2][0, start:start + cfg.grid ** 2]).squeeze(-1) > 0
+        truth = batch["cells"][0].flatten()
+        rows = batch["next_rows"][0]
+        last = states[-1][0][rows >= 0]
+        cells = heads.row_cells(last) > 0
+        row_truth = batch["cells"][0][rows[rows >= 0]]
+        counts += [(patch & truth).sum(), (patch | truth).sum(), (cells & row_truth).sum(), (cells | row_truth).sum(),
+                   (heads.row_index(last).argmax(-1) == rows[rows >= 0]).sum(), len(last)]
+    return {"step": state["step"], "patch_head_ciou": counts[0] / max(counts[1], 1),
+            "row_head_ciou": counts[2] / max(counts[3], 1), "row_index_accuracy": counts[4] / max(counts[5], 1)}
+
+
 def export(run: str | Path) -> Path:
     """Write ``RUN/model`` (a loadable model directory) from ``RUN/checkpoint.pt``."""
     run = Path(run)

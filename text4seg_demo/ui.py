@@ -162,8 +162,8 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
             raise ValueError("multi-class mode needs class names, e.g. 'cat, grass, sky'")
         request = Request(expression=(expression or "").strip(), classes=class_list if mode == "Multi-class" else None,
                           fmt=fmt, grid=int(grid) if grid else None, constrained=bool(constrained),
-                          max_new_tokens=int(max_new) if max_new else None, refine=refine,
-                          sam_points=int(points), seed=int(seed))
+                          max_new_tokens=int(max_new) if max_new else None, sam_points=int(points),
+                          seed=int(seed))
         request.labels()  # validates, with a message for people
         return request
 
@@ -235,7 +235,7 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
         """The same input written as full-length descriptors: by the full-length model where one
         exists, else by replaying the full-length text through this model."""
         partner = FULL_PARTNER.get(name)
-        request = Request(**{**request.__dict__, "fmt": "full", "refine": "none"})
+        request = Request(**{**request.__dict__, "fmt": "full"})
         if partner:
             full = run_one(models.get(partner, quant), image, request, None)
             side, how = full, f"written by `{partner}`"
