@@ -153,7 +153,10 @@ def write_card(run: str | Path, name: str) -> Path:
         "(see `text4seg_demo/train.py`)",
         f"- command: `text4seg train-tiny --out RUN --format {settings['format']} --grid {settings['grid']} "
         f"--minutes M [--resume]`",
+        *([f"- initialised from the run `{t['init']}` (a full-length model): a curriculum, full-length first"]
+          if t.get("init") else []),
         f"- grid cIoU on the 20 fixed queries of `tiny.fixed_queries()`: {settings['metrics']['fixed20_grid_ciou']}",
+        "- every training attempt and its numbers: the project README, section *Tiny models*",
         "",
         "Held-out grid cIoU during training (greedy answers to generated queries):",
         "",

@@ -52,6 +52,7 @@ class TrainConfig:
     eval_queries: int = 48
     text_layers: int = 6
     bf16: bool = True
+    init: str | None = None  # start from another run's weights (a curriculum), not from scratch
 
 
 class AuxHeads(nn.Module):
@@ -201,6 +202,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
     maker, rng = synth.SceneMaker(cfg.seed), random.Random(cfg.seed)
     step, elapsed = 0, 0.0
+    if state is None and cfg.init:
+        start = torch.load(Path(cfg.init) / "checkpoint.pt", weights_only=False)
+        model.load_state_dict(start["model"])
+        heads.load_state_dict(start["heads"])
+        log(f"initialised from {cfg.init} (step {start['step']}, {start['config']['fmt']})")
     if state is not None:
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])

@@ -35,6 +35,7 @@ FORMATS = {"R-RLE": "rrle", "Full-length": "full", "Compare both": "compare"}
 USER_ERRORS = (ValueError, BadImage, ModelUnavailable, RefinerError)
 OUT_OF_MEMORY = (MemoryError, torch.cuda.OutOfMemoryError)
 FULL_PARTNER = {"tiny-rrle": "tiny-full"}  # the model that writes full-length descriptors natively
+RRLE_PARTNER = {v: k for k, v in FULL_PARTNER.items()}
 
 
 try:  # Hugging Face ZeroGPU: a GPU is attached only inside functions marked with spaces.GPU
@@ -180,9 +181,11 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
                 seed, max_new):
         """The UI's run: stream the answer into the grid, then show masks, metrics and files."""
         fmt = FORMATS.get(fmt_choice, "rrle")
+        if fmt == "compare":  # R-RLE first, by the R-RLE sibling of a full-length model
+            name = RRLE_PARTNER.get(name, name)
         try:
             image, notes = prepare(image_path)
-            request = parse_request(expression, mode, classes, None if fmt == "compare" else fmt, grid, constrained,
+            request = parse_request(expression, mode, classes, "rrle" if fmt == "compare" else fmt, grid, constrained,
                                     refine, points, seed, max_new)
             engine = models.get(name, quant)
             refiner = refiners.get(refine)
