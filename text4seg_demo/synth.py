@@ -144,8 +144,8 @@ class SceneMaker:
 
     def queries(self, shapes: list[Shape], visible: np.ndarray, focus: str) -> list[Query]:
         """Every valid query for the scene, the ``focus`` kind first."""
-        ids = [i for i in range(len(shapes)) if (visible == i + 1).sum() > 0.5 * math.pi * (shapes[i].size / 2) ** 2 * 0.3]
-        pick = lambda pred: [i for i in ids if pred(shapes[i])]  # noqa: E731
+        # a shape can be a target only if enough of it shows (15% of its disc's area)
+        ids = [i for i in range(len(shapes)) if (visible == i + 1).sum() > 0.15 * math.pi * (shapes[i].size / 2) ** 2]
         out: dict[str, list[Query]] = {k: [] for k in KINDS}
         for colour in COLOURS:
             for kind in SHAPES:

@@ -155,6 +155,10 @@ def _sweep(root: Path, age_s: float = 900) -> None:
 def build_demo(default_model: str | None = None) -> gr.Blocks:
     model_name, model_note = choose_default(default_model)
     models, refiners = Models(), Refiners()
+    try:  # load at start-up (on ZeroGPU too), so the first request does not wait for it
+        models.get(model_name, "auto")
+    except (ModelUnavailable, OSError, RuntimeError, ValueError) as err:
+        model_note += f"\n\n⚠️ {model_name} could not be loaded: {err}. Pick another model under *Advanced*."
     scratch = Path(tempfile.mkdtemp(prefix="text4seg-results-"))
 
     def parse_request(expression, mode, classes, fmt, grid, constrained, refine, points, seed, max_new):
