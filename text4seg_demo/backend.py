@@ -66,7 +66,9 @@ class StreamEvent:
     extra: dict = field(default_factory=dict)
 
 
-class _LRU(OrderedDict):
+class LRUCache(OrderedDict):
+    """A small least-recently-used map for caches keyed by image content."""
+
     def __init__(self, size: int):
         super().__init__()
         self.size = size
@@ -109,8 +111,8 @@ class Text4SegModel:
         self.quant = quant
         self.image_token_id = model.config.image_token_index
         self.n_image_tokens = model.config.image_seq_length
-        self._features = _LRU(cache_images)
-        self._prefixes = _LRU(cache_images)
+        self._features = LRUCache(cache_images)
+        self._prefixes = LRUCache(cache_images)
         self.stats = {"feature_hits": 0, "prefix_hits": 0}
         self.notes: list[str] = []  # what loading had to change (precision fallbacks)
         self.memory_bytes = model.get_memory_footprint()

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .backend import _LRU, image_key
+from .backend import LRUCache, image_key
 
 SAM_CHECKPOINTS = {  # official URLs and sha256 of the released files
     "vit_h": ("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
@@ -139,7 +139,7 @@ class SamRefiner:
         self.sam = sam.eval()
         self.predictor = SamPredictor(self.sam)
         self.name, self.checkpoint = name, checkpoint
-        self._embeddings = _LRU(cache_size)
+        self._embeddings = LRUCache(cache_size)
         self.encoder_calls = 0
 
     def _set_image(self, image: Image.Image) -> tuple[float, bool]:
