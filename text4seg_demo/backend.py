@@ -17,7 +17,7 @@ import copy
 import hashlib
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -63,7 +63,6 @@ class StreamEvent:
     rows: list[list[str]]
     done: bool = False
     generation: Generation | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class LRUCache(OrderedDict):

@@ -180,10 +180,6 @@ class ParsedAnswer:
     body: str = ""
     fmt: str = "rrle"
 
-    @property
-    def repaired(self) -> bool:
-        return bool(self.diagnostics)
-
     def mask(self) -> np.ndarray:
         """Binary foreground grid: any label other than ``others``."""
         return self.grid != self.labels.index(OTHERS)
