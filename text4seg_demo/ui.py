@@ -200,17 +200,20 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
             yield {status: f"⚠️ could not load what was asked for: {err}. Pick another model or refiner."}
             return
         yield {status: "Generating…" + (" " + "; ".join(notes) if notes else ""), compare_box: gr.update(visible=False)}
-        result = None
+        result, rows_shown = None, -1
+        labels = [codec.OTHERS, *request.labels()]
+        size = request.grid or engine.settings.grid
         try:
             for item in segment_stream(engine, image, request, refiner):
                 if isinstance(item, StreamEvent) and not item.done:
-                    labels = [codec.OTHERS, *request.labels()]
-                    rows = [[labels.index(c) if c in labels else 0 for c in row] for row in item.rows]
-                    partial = np.zeros((request.grid or engine.settings.grid,) * 2, dtype=np.int32)
-                    if rows:
-                        partial[: len(rows)] = np.array(rows)[:, : partial.shape[1]]
-                    yield {answer: render.highlight(item.text, labels),
-                           grid_view: render.grid_view(image, partial, labels, rows_done=len(rows))}
+                    update = {answer: render.highlight(item.text, labels)}
+                    if len(item.rows) != rows_shown:  # redraw the grid only when a row completes
+                        rows_shown = len(item.rows)
+                        partial = np.zeros((size, size), dtype=np.int32)
+                        for r, row in enumerate(item.rows[:size]):
+                            partial[r, : len(row)] = [labels.index(c) if c in labels else 0 for c in row[:size]]
+                        update[grid_view] = render.grid_view(image, partial, labels, rows_done=rows_shown)
+                    yield update
                 elif isinstance(item, Result):
                     result = item
         except OUT_OF_MEMORY as err:
