@@ -160,9 +160,9 @@ class Text4SegModel:
         return pixels.to(self.device, self.model.dtype if self.model.dtype.is_floating_point else torch.float32)
 
     @torch.no_grad()
-    def image_features(self, image: Image.Image, timings: dict | None = None) -> torch.Tensor:
-        """Projected image tokens (n_image_tokens x hidden), cached by image content."""
-        key = image_key(image)
+    def image_features(self, image: Image.Image, timings: dict | None = None, key: str | None = None) -> torch.Tensor:
+        """Projected image tokens (n_image_tokens x hidden), cached by image content (``key``)."""
+        key = key or image_key(image)
         cached = self._features.get(key)
         timings = timings if timings is not None else {}
         if cached is not None:
@@ -196,16 +196,18 @@ class Text4SegModel:
         from transformers import DynamicCache
 
         before, after = self._prompt_ids(question)
-        features = self.image_features(image, timings)
+        content = image_key(image)
+        features = self.image_features(image, timings, key=content)
         t0 = time.perf_counter()
-        key = (image_key(image), tuple(before))
+        key = (content, tuple(before))
         cache = self._prefixes.get(key)
         if cache is not None:
             self.stats["prefix_hits"] += 1
             cache = copy.deepcopy(cache)
         else:
             cache = DynamicCache(config=self.model.config)
-            prefix = torch.cat([self._embed(before), features[None].to(self._embed(before).dtype)], dim=1)
+            text = self._embed(before)
+            prefix = torch.cat([text, features[None].to(text.dtype)], dim=1)
             self.model(inputs_embeds=prefix, cache=cache, use_cache=True, logits_to_keep=1)
             self._prefixes.put(key, copy.deepcopy(cache))
         out = self.model(inputs_embeds=self._embed(after), cache=cache, use_cache=True, logits_to_keep=1)

@@ -8,6 +8,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .backend import Text4SegModel
+from .codec import parse_answer
 from .dataset import read_manifest
 from .images import prepare
 from .masks import load_mask, to_grid, to_image
@@ -69,6 +70,17 @@ def evaluate(engine: Text4SegModel | None, data: str, refiner=None, constrained:
         report["refine_first_s"] = float(np.mean(first))
         report["refine_repeat_s"] = float(np.mean(repeat))
     return report
+
+
+def grid_scores(engine: Text4SegModel, queries) -> dict:
+    """Greedy answers to (image, expression, mask) triples, scored on the grid alone."""
+    meter, malformed = IoUMeter(), 0
+    grid, fmt = engine.settings.grid, engine.settings.fmt
+    for image, expression, mask in queries:
+        parsed = parse_answer(engine.generate(image, engine.question(expression), [expression]).text, grid, fmt=fmt)
+        meter.add(parsed.mask(), to_grid(np.asarray(mask, np.uint8), grid).astype(bool))
+        malformed += bool(parsed.diagnostics)
+    return {"grid_ciou": meter.ciou, "malformed_rate": malformed / len(queries)}
 
 
 def _oracle(image, expression: str, truth_grid: np.ndarray, refiner, grid: int) -> Result:

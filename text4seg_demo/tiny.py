@@ -109,16 +109,9 @@ def fixed_queries():
 
 def fixed_grid_ciou(engine) -> float:
     """Grid cIoU of a loaded model on :func:`fixed_queries` (greedy, unconstrained)."""
-    from .codec import parse_answer
-    from .masks import to_grid
-    from .metrics import IoUMeter
+    from .evaluate import grid_scores
 
-    meter = IoUMeter()
-    for image, expression, mask in fixed_queries():
-        text = engine.generate(image, engine.question(expression), [expression]).text
-        meter.add(parse_answer(text, engine.settings.grid, fmt=engine.settings.fmt).mask(),
-                  to_grid(mask.astype("uint8"), engine.settings.grid).astype(bool))
-    return meter.ciou
+    return grid_scores(engine, fixed_queries())["grid_ciou"]
 
 
 def write_card(run: str | Path, name: str) -> Path:

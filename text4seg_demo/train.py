@@ -164,19 +164,12 @@ def cosine(step, warmup, total):
 def grid_ciou(model, tokenizer, processor, queries, fmt, grid) -> dict:
     """Greedy answers for held-out queries, scored on the grid: cIoU and malformed rate."""
     from .backend import Settings, Text4SegModel
+    from .evaluate import grid_scores
 
-    engine = Text4SegModel(model, tokenizer, processor, Settings(grid, fmt, PROMPT_STYLE), cache_images=0)
-    inter = union = malformed = 0
-    for image, expression, mask in queries:
-        text = engine.generate(image, engine.question(expression), [expression]).text
-        parsed = codec.parse_answer(text, grid, fmt=fmt)
-        truth = to_grid(mask, grid).astype(bool)
-        pred = parsed.mask()
-        inter += int((pred & truth).sum())
-        union += int((pred | truth).sum())
-        malformed += bool(parsed.diagnostics)
+    scores = grid_scores(Text4SegModel(model, tokenizer, processor, Settings(grid, fmt, PROMPT_STYLE),
+                                       cache_images=0), queries)
     model.train()
-    return {"grid_ciou": inter / union if union else 1.0, "malformed_rate": malformed / len(queries)}
+    return scores
 
 
 def held_out(n: int, seed: int = 10**6):
@@ -260,16 +253,23 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     return export(out)
 
 
+def _load_run(run: str | Path):
+    """A run's checkpoint, config, tokenizer and model with the trained weights."""
+    state = torch.load(Path(run) / "checkpoint.pt", weights_only=False)
+    cfg = TrainConfig(**state["config"])
+    tokenizer = tiny.build_tokenizer(tiny.training_corpus())
+    model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed)
+    model.load_state_dict(state["model"])
+    return state, cfg, tokenizer, model
+
+
 @torch.no_grad()
 def probe(run: str | Path, n: int = 32) -> dict:
     """Where a run's grounding lives, teacher-forced on held-out queries: the patch head's cIoU
     at the image positions, the row head's cIoU on the row being written, and how often the
     row head knows which row that is."""
-    state = torch.load(Path(run) / "checkpoint.pt", weights_only=False)
-    cfg = TrainConfig(**state["config"])
-    tokenizer, processor = tiny.build_tokenizer(tiny.training_corpus()), tiny.build_image_processor()
-    model = tiny.build_model(tokenizer, text_layers=cfg.text_layers)
-    model.load_state_dict(state["model"])
+    state, cfg, tokenizer, model = _load_run(run)
+    processor = tiny.build_image_processor()
     heads = AuxHeads(model.config.text_config.hidden_size, cfg.grid)
     heads.load_state_dict(state["heads"])
     model.eval()
@@ -295,11 +295,7 @@ def probe(run: str | Path, n: int = 32) -> dict:
 def export(run: str | Path) -> Path:
     """Write ``RUN/model`` (a loadable model directory) from ``RUN/checkpoint.pt``."""
     run = Path(run)
-    state = torch.load(run / "checkpoint.pt", weights_only=False)
-    cfg = TrainConfig(**state["config"])
-    tokenizer = tiny.build_tokenizer(tiny.training_corpus())
-    model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed)
-    model.load_state_dict(state["model"])
+    state, cfg, tokenizer, model = _load_run(run)
     curve = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     settings = {"grid": cfg.grid, "format": cfg.fmt, "prompt_style": PROMPT_STYLE, "question_template": 0,
                 "training": {**asdict(cfg), "steps": state["step"], "minutes": round(state["elapsed"] / 60, 1)},

@@ -3,6 +3,7 @@ on the right, and everything measured on the way."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -172,14 +173,20 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
         request.labels()  # validates, with a message for people
         return request
 
+    def out_of_memory(err) -> str:
+        """Free what can be freed and say what to try instead."""
+        models.drop_caches()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return (f"out of memory ({type(err).__name__}); memory was freed. Try a smaller image, 4-bit precision "
+                "or the tiny model")
+
     def run_one(engine, image, request, refiner):
         try:
             return segment(engine, image, request, refiner)
         except OUT_OF_MEMORY as err:
-            models.drop_caches()
-            _free_memory()
-            raise ValueError(f"out of memory ({type(err).__name__}); memory was freed. Try a smaller image, "
-                             "4-bit precision or the tiny model") from None
+            raise ValueError(out_of_memory(err)) from None
 
     def analyse(image_path, expression, mode, classes, name, quant, fmt_choice, grid, constrained, refine, points,
                 seed, max_new):
@@ -217,10 +224,7 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
                 elif isinstance(item, Result):
                     result = item
         except OUT_OF_MEMORY as err:
-            models.drop_caches()
-            _free_memory()
-            yield {status: f"⚠️ out of memory ({type(err).__name__}); memory was freed. Try a smaller image, 4-bit "
-                           "or the tiny model."}
+            yield {status: f"⚠️ {out_of_memory(err)}."}
             return
         except USER_ERRORS as err:
             yield {status: f"⚠️ {err}"}
@@ -377,11 +381,3 @@ def _status_line(result: Result) -> str:
 def _example_expression(path: Path) -> str:
     side = path.with_suffix(".txt")
     return side.read_text().strip() if side.is_file() else ""
-
-
-def _free_memory() -> None:
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
