@@ -77,3 +77,39 @@ def write_original_llava(root: Path, vision_in_checkpoint: bool = True, seed: in
         "mm_use_im_patch_token": False, "image_aspect_ratio": "pad",
     }, indent=2))
     return ckpt, reference
+
+
+# A Qwen-style chat template: the image placeholder, then the question, then the assistant turn.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN_SPECIAL = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>"]
+
+
+def write_tiny_qwen2_vl(path: Path, seed: int = 0) -> Path:
+    """A random Qwen2-VL (multimodal rotary positions, dynamic image resolution) with its processor."""
+    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
+                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    from text4seg_demo import tiny
+
+    tokenizer = tiny.build_tokenizer(tiny.training_corpus())
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL})
+    tokenizer.image_token = "<|image_pad|>"
+    ids = dict(zip(QWEN_SPECIAL, tokenizer.convert_tokens_to_ids(QWEN_SPECIAL)))
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), **LLAMA, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(path)
+    Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
+                     tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+                     chat_template=CHAT_TEMPLATE).save_pretrained(path)
+    return path

@@ -26,20 +26,23 @@ from PIL import Image
 
 from . import codec, prompts
 from .grammar import GrammarConstraint, ebnf, grammar_char_budget
+from .positions import AnswerPositions
 
 
 @dataclass
 class Settings:
-    """How a checkpoint speaks: its grid, its descriptor format and its prompt template."""
+    """How a checkpoint speaks: its grid, its descriptor format, its prompt template, and how
+    its answer tokens are positioned (see :mod:`text4seg_demo.positions`)."""
 
     grid: int = 16
     fmt: str = "rrle"
     prompt_style: str = "llava_v1"
     question_template: int = 0
+    positions: str = "natural"
 
     def to_dict(self) -> dict:
         return {"grid": self.grid, "format": self.fmt, "prompt_style": self.prompt_style,
-                "question_template": self.question_template}
+                "question_template": self.question_template, "positions": self.positions}
 
 
 @dataclass
@@ -108,8 +111,7 @@ class Text4SegModel:
         self.settings = settings
         self.name = name
         self.quant = quant
-        self.image_token_id = model.config.image_token_index
-        self.n_image_tokens = model.config.image_seq_length
+        self.image_token_id = getattr(model.config, "image_token_index", None) or model.config.image_token_id
         self._features = LRUCache(cache_images)
         self._prefixes = LRUCache(cache_images)
         self.stats = {"feature_hits": 0, "prefix_hits": 0}
@@ -192,7 +194,7 @@ class Text4SegModel:
 
     @torch.no_grad()
     def _prefill(self, image: Image.Image, question: str, timings: dict):
-        """Run the prompt through the model; return (logits of the next token, cache, prompt length)."""
+        """Run the prompt through the model; return (logits of the next token, cache, prompt token counts)."""
         from transformers import DynamicCache
 
         before, after = self._prompt_ids(question)
@@ -213,11 +215,13 @@ class Text4SegModel:
         out = self.model(inputs_embeds=self._embed(after), cache=cache, use_cache=True, logits_to_keep=1)
         _sync(self.device)
         timings["prefill"] = time.perf_counter() - t0
-        n_prompt = len(before) + features.shape[0] + len(after)
-        return out.logits[:, -1].float(), cache, n_prompt
+        counts = {"prompt": len(before) + features.shape[0] + len(after), "image": features.shape[0]}
+        return out.logits[:, -1].float(), cache, counts
 
-    def _step(self, token_id: int, cache) -> torch.Tensor:
-        out = self.model(input_ids=torch.tensor([[token_id]], device=self.device), cache=cache, use_cache=True)
+    def _step(self, token_id: int, cache, position: int | None = None) -> torch.Tensor:
+        """One decode step; ``position`` overrides the model's own position for this token."""
+        extra = {} if position is None else {"position_ids": torch.tensor([[position]], device=self.device)}
+        out = self.model(input_ids=torch.tensor([[token_id]], device=self.device), cache=cache, use_cache=True, **extra)
         return out.logits[:, -1].float()
 
     @torch.no_grad()
@@ -240,10 +244,11 @@ class Text4SegModel:
         constraint = None
         if constrained:
             t0 = time.perf_counter()
-            constraint = GrammarConstraint(self.tokenizer, self.model.config.text_config.vocab_size,
+            constraint = GrammarConstraint(self.tokenizer, self.model.config.get_text_config().vocab_size,
                                            ebnf(grid, grid, labels, fmt))
             timings["grammar"] = time.perf_counter() - t0
-        logits, cache, n_prompt = self._prefill(image, question, timings)
+        logits, cache, counts = self._prefill(image, question, timings)
+        positions = AnswerPositions(counts["prompt"], grid, fmt, "grid") if self.settings.positions == "grid" else None
         ids: list[int] = []
         text = ""
         eos = self.tokenizer.eos_token_id
@@ -264,13 +269,13 @@ class Text4SegModel:
                 yield StreamEvent(delta, text, codec.completed_rows(text, grid, fmt))
             if codec.CLOSE_TAG in text or (constraint is not None and constraint.finished):
                 break
-            logits = self._step(token, cache)
+            logits = self._step(token, cache, positions.advance(new) if positions else None)
         _sync(self.device)
         timings["decode"] = time.perf_counter() - t_decode
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         timings["ttft"] = timings.get("preprocess", 0) + timings.get("encode", 0) + timings["prefill"]
         timings["total"] = time.perf_counter() - t_start
-        tokens = {"prompt": n_prompt, "image": self.n_image_tokens, "generated": len(ids)}
+        tokens = {**counts, "generated": len(ids)}
         generation = Generation(text=text, token_ids=ids, timings=timings, tokens=tokens, constrained=constrained)
         yield StreamEvent("", text, codec.completed_rows(text, grid, fmt), done=True, generation=generation)
 
@@ -291,15 +296,15 @@ class Text4SegModel:
         timings: dict = {}
         t_start = time.perf_counter()
         ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
-        _, cache, n_prompt = self._prefill(image, question, timings)
+        _, cache, counts = self._prefill(image, question, timings)
         t0 = time.perf_counter()
-        for token in ids[:-1]:
+        for token in ids[:-1]:  # the model's own positions: only the cost is measured
             self._step(token, cache)
         _sync(self.device)
         timings["decode"] = time.perf_counter() - t0
         timings["ttft"] = timings.get("preprocess", 0) + timings.get("encode", 0) + timings["prefill"]
         timings["total"] = time.perf_counter() - t_start
-        tokens = {"prompt": n_prompt, "image": self.n_image_tokens, "generated": len(ids)}
+        tokens = {**counts, "generated": len(ids)}
         return Generation(text=answer, token_ids=ids, timings=timings, tokens=tokens, replayed=True)
 
     def count_tokens(self, text: str) -> int:
@@ -308,3 +313,34 @@ class Text4SegModel:
     def clear_caches(self) -> None:
         self._features.clear()
         self._prefixes.clear()
+
+
+class ChatTemplateModel(Text4SegModel):
+    """A transformers-native VLM (Qwen2-VL, Qwen2.5-VL, InternVL, ...) driven through its
+    processor's chat template.
+
+    The processor decides how many image tokens an image becomes and the model its own
+    (possibly multimodal) positions, so the prompt is prefilled in one call; the decode loop,
+    streaming, grammar and accounting are the LLaVA engine's. Nothing is cached between
+    questions: these models' image tokens depend on the processor's resizing.
+    """
+
+    @torch.no_grad()
+    def _prefill(self, image: Image.Image, question: str, timings: dict):
+        from transformers import DynamicCache
+
+        t0 = time.perf_counter()
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = self.processor(text=[text], images=[image.convert("RGB")], return_tensors="pt").to(self.device)
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        t1 = time.perf_counter()
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
+        _sync(self.device)
+        # the vision encoder runs inside this one call: its time is part of prefill
+        timings.update(preprocess=t1 - t0, encode=0.0, prefill=time.perf_counter() - t1)
+        ids = inputs["input_ids"][0]
+        counts = {"prompt": int(ids.numel()), "image": int((ids == self.image_token_id).sum())}
+        return out.logits[:, -1].float(), cache, counts

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .backend import Settings, Text4SegModel
+from .backend import ChatTemplateModel, Settings, Text4SegModel
 from .tokens import ASSETS
 
 QUANTS = ("auto", "4bit", "8bit", "bf16", "fp16", "fp32")
@@ -80,7 +80,7 @@ def infer_settings(name: str, directory: Path) -> Settings:
     if file.is_file():
         data = json.loads(file.read_text())
         return Settings(data.get("grid", 16), data.get("format", "rrle"), data.get("prompt_style", "llava_v1"),
-                        data.get("question_template", 0))
+                        data.get("question_template", 0), data.get("positions", "natural"))
     match = re.search(r"p(\d{2})(?!\d)", f"{name} {directory.name}")
     fmt = "full" if re.search(r"full", name) else "rrle"
     return Settings(int(match.group(1)) if match else 16, fmt, "llava_v1")
@@ -123,7 +123,8 @@ def _quant_kwargs(quant: str, device) -> dict:
     from transformers import BitsAndBytesConfig
 
     if quant in ("4bit", "8bit"):
-        skip = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]  # matched from the start
+        # vision towers and projectors stay unquantised (LLaVA and InternVL names, then Qwen2-VL's)
+        skip = ["model.vision_tower", "model.multi_modal_projector", "model.visual", "lm_head"]
         if quant == "4bit":
             compute = torch.float16 if device.type == "cuda" else torch.float32
             config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -134,6 +135,23 @@ def _quant_kwargs(quant: str, device) -> dict:
         return {"quantization_config": config, "dtype": dtype, "device_map": {"": str(device)}}
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[quant]
     return {"dtype": dtype}
+
+
+def _model_class(directory: Path, name: str, llava: bool):
+    """LLaVA's own class for LLaVA checkpoints, else whatever image-text-to-text class the
+    checkpoint's config maps to (Qwen2-VL, Qwen2.5-VL, InternVL, ...)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForConditionalGeneration
+
+    if llava:
+        return LlavaForConditionalGeneration
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (ValueError, KeyError) as err:
+        raise ModelUnavailable(f"transformers does not know the architecture of {name}: {err}") from None
+    if type(config) not in AutoModelForImageTextToText._model_mapping:
+        raise ModelUnavailable(f"{name} is a {config.model_type!r} model, which transformers cannot load as an "
+                               "image-text-to-text model; use a LLaVA, Qwen2-VL, Qwen2.5-VL or InternVL checkpoint")
+    return AutoModelForImageTextToText
 
 
 def converted_dir(src: Path) -> Path:
@@ -149,8 +167,6 @@ def load(name: str = DEFAULT_MODEL, quant: str = "auto", device: str | None = No
     Original-LLaVA checkpoints are converted once and cached; precision requests that the
     machine cannot serve fall back with a note in ``model.notes``.
     """
-    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
-
     from .convert import convert, is_original_llava
 
     directory = resolve(name)
@@ -166,28 +182,35 @@ def load(name: str = DEFAULT_MODEL, quant: str = "auto", device: str | None = No
     torch_device = choose_device(device)
     served, note = plan_precision(quant, torch_device)
     notes = [f"--quant {quant} served as {served}: {note}"] if note else []
-    config = json.loads((directory / "config.json").read_text())
-    if config.get("model_type") != "llava":
-        raise ModelUnavailable(f"{name} is a {config.get('model_type')!r} model; this backend runs LLaVA-architecture "
-                               "checkpoints (LLaVA-hf, the converted Text4Seg release, the bundled tiny models)")
+    llava = json.loads((directory / "config.json").read_text()).get("model_type") == "llava"
+    model_class = _model_class(directory, name, llava)
     kwargs = _quant_kwargs(served, torch_device)
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(directory, **kwargs)
+        model = model_class.from_pretrained(directory, **kwargs)
     except (ImportError, RuntimeError, ValueError) as err:
         if served not in ("4bit", "8bit"):
             raise
         notes.append(f"{served} failed ({err}); loaded in fp32 instead")
         served = "fp32"
-        model = LlavaForConditionalGeneration.from_pretrained(directory, **_quant_kwargs("fp32", torch_device))
+        model = model_class.from_pretrained(directory, **_quant_kwargs("fp32", torch_device))
     if "device_map" not in kwargs:
         model = model.to(torch_device)
     if adapter:
         from peft import PeftModel
 
+        log(f"merging the adapter {adapter}")
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    processor = AutoImageProcessor.from_pretrained(directory)
-    engine = Text4SegModel(model, tokenizer, processor, settings, name=name, quant=served)
+    if llava:
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        engine = Text4SegModel(model, AutoTokenizer.from_pretrained(directory),
+                               AutoImageProcessor.from_pretrained(directory), settings, name=name, quant=served)
+    else:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(directory)
+        engine = ChatTemplateModel(model, processor.tokenizer, processor, replace(settings, prompt_style="chat"),
+                                   name=name, quant=served)
     engine.notes = notes
     for line in notes:
         log(line)

@@ -31,6 +31,7 @@ from torch import nn
 
 from . import codec, prompts, synth, tiny
 from .masks import to_grid
+from .positions import AnswerPositions
 
 PROMPT_STYLE = "question_first"
 POS_WEIGHT = 3.0  # target patches are few: weigh them up in the auxiliary losses
@@ -53,6 +54,7 @@ class TrainConfig:
     text_layers: int = 6
     bf16: bool = True
     init: str | None = None  # start from another run's weights (a curriculum), not from scratch
+    positions: str = "natural"  # or "grid": answer tokens aligned with their image cells (positions.py)
 
 
 class AuxHeads(nn.Module):
@@ -65,8 +67,9 @@ class AuxHeads(nn.Module):
         self.row_index = nn.Linear(hidden, grid + 1)
 
 
-def encode_example(tokenizer, processor, image, expression, mask, fmt, grid, rng: random.Random):
-    """Token ids, loss targets and pixels for one (image, expression, mask) triple."""
+def encode_example(tokenizer, processor, image, expression, mask, fmt, grid, rng: random.Random,
+                   positions: str = "natural"):
+    """Token ids, position ids, loss targets and pixels for one (image, expression, mask) triple."""
     cells = to_grid(mask, grid).astype(bool)
     body = codec.encode(cells.astype(int), [codec.OTHERS, expression], fmt)
     prompt = prompts.prompt(prompts.question(expression, None, rng), PROMPT_STYLE)
@@ -79,6 +82,8 @@ def encode_example(tokenizer, processor, image, expression, mask, fmt, grid, rng
     enc = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
     ids = head + enc["input_ids"]
     labels = [-100] * len(head) + enc["input_ids"]
+    scheme = AnswerPositions(len(head), grid, fmt, positions)
+    position_ids = list(range(len(head))) + [scheme.advance(answer[:end]) for _, end in enc["offset_mapping"]]
 
     # grid row of every answer token (-1 outside the body), and LM weights: non-empty rows count more
     body_start = answer.index("<seg>") + len("<seg>")
@@ -103,7 +108,7 @@ def encode_example(tokenizer, processor, image, expression, mask, fmt, grid, rng
     next_rows = [-1] * len(head) + rows[1:] + [-1]
     next_rows[len(head) - 1] = rows[0]
     pixels = processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
-    return {"ids": ids, "labels": labels, "weights": weights, "next_rows": next_rows,
+    return {"ids": ids, "positions": position_ids, "labels": labels, "weights": weights, "next_rows": next_rows,
             "image_start": len(tokenizer(before, add_special_tokens=False)["input_ids"]),
             "cells": cells, "pixels": pixels}
 
@@ -115,7 +120,8 @@ def collate(examples, pad_id):
         return torch.tensor([e[key] + [value] * (n - len(e[key])) for e in examples])
 
     return {
-        "input_ids": pad("ids", pad_id), "labels": pad("labels", -100), "weights": pad("weights", 0.0),
+        "input_ids": pad("ids", pad_id), "position_ids": pad("positions", 0), "labels": pad("labels", -100),
+        "weights": pad("weights", 0.0),
         "next_rows": pad("next_rows", -1),
         "attention_mask": torch.tensor([[1] * len(e["ids"]) + [0] * (n - len(e["ids"])) for e in examples]),
         "pixel_values": torch.stack([e["pixels"] for e in examples]),
@@ -126,7 +132,7 @@ def collate(examples, pad_id):
 
 def losses(model, heads, batch, grid):
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"], output_hidden_states=True)
+                position_ids=batch["position_ids"], pixel_values=batch["pixel_values"], output_hidden_states=True)
     logits = out.logits[:, :-1].float()
     targets = batch["labels"][:, 1:]
     weights = batch["weights"][:, 1:] * (targets != -100)
@@ -161,13 +167,13 @@ def cosine(step, warmup, total):
 
 
 @torch.no_grad()
-def grid_ciou(model, tokenizer, processor, queries, fmt, grid) -> dict:
+def grid_ciou(model, tokenizer, processor, queries, cfg: TrainConfig) -> dict:
     """Greedy answers for held-out queries, scored on the grid: cIoU and malformed rate."""
     from .backend import Settings, Text4SegModel
     from .evaluate import grid_scores
 
-    scores = grid_scores(Text4SegModel(model, tokenizer, processor, Settings(grid, fmt, PROMPT_STYLE),
-                                       cache_images=0), queries)
+    settings = Settings(cfg.grid, cfg.fmt, PROMPT_STYLE, positions=cfg.positions)
+    scores = grid_scores(Text4SegModel(model, tokenizer, processor, settings, cache_images=0), queries)
     model.train()
     return scores
 
@@ -220,7 +226,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
                     "elapsed": time.time() - t0, "config": asdict(cfg)}, ckpt_path)
 
     def evaluate():
-        metrics = grid_ciou(model, tokenizer, processor, queries, cfg.fmt, cfg.grid)
+        metrics = grid_ciou(model, tokenizer, processor, queries, cfg)
         record = {"step": step, "minutes": round((time.time() - t0) / 60, 2), **metrics}
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -228,8 +234,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         return metrics
 
     while time.time() - t0 < budget:
-        batch = collate([encode_example(tokenizer, processor, *synth.sample(maker), cfg.fmt, cfg.grid, rng)
-                         for _ in range(cfg.batch)], tokenizer.pad_token_id)
+        batch = collate([encode_example(tokenizer, processor, *synth.sample(maker), cfg.fmt, cfg.grid, rng,
+                                        cfg.positions) for _ in range(cfg.batch)], tokenizer.pad_token_id)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * cosine(step, cfg.warmup, est_total)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -275,9 +281,10 @@ def probe(run: str | Path, n: int = 32) -> dict:
     model.eval()
     rng, counts = random.Random(0), np.zeros(6)
     for image, expression, mask in held_out(n):
-        batch = collate([encode_example(tokenizer, processor, image, expression, mask, cfg.fmt, cfg.grid, rng)],
-                        tokenizer.pad_token_id)
-        states = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+        batch = collate([encode_example(tokenizer, processor, image, expression, mask, cfg.fmt, cfg.grid, rng,
+                                        cfg.positions)], tokenizer.pad_token_id)
+        states = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], pixel_values=batch["pixel_values"],
                        output_hidden_states=True).hidden_states
         start = int(batch["image_start"][0])
         patch = heads.patch(states[len(states) // 2][0, start:start + cfg.grid ** 2]).squeeze(-1) > 0
@@ -298,6 +305,7 @@ def export(run: str | Path) -> Path:
     state, cfg, tokenizer, model = _load_run(run)
     curve = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     settings = {"grid": cfg.grid, "format": cfg.fmt, "prompt_style": PROMPT_STYLE, "question_template": 0,
+                "positions": cfg.positions,
                 "training": {**asdict(cfg), "steps": state["step"], "minutes": round(state["elapsed"] / 60, 1)},
                 "metrics": {k: v for k, v in curve[-1].items() if k not in ("step", "minutes")} if curve else {}}
     return tiny.save_pretrained(model, tokenizer, run / "model", settings)

@@ -1,0 +1,100 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from text4seg_demo import codec, prompts, tiny
+from text4seg_demo.backend import Settings, Text4SegModel
+from text4seg_demo.positions import AnswerPositions, cells_covered
+
+LABEL = "the red circle"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny.build_tokenizer(tiny.training_corpus())
+
+
+def random_grid(seed, size=16):
+    rng = np.random.default_rng(seed)
+    grid = np.zeros((size, size), int)
+    y, x = rng.integers(0, size - 5, 2)
+    grid[y:y + rng.integers(2, 6), x:x + rng.integers(2, 6)] = 1
+    return grid
+
+
+def answer_for(grid, fmt):
+    return " " + prompts.lead_in(LABEL) + "\n" + codec.wrap(codec.encode(grid, [codec.OTHERS, LABEL], fmt))
+
+
+def positions_of(tokenizer, answer, fmt, scheme="grid", start=100):
+    enc = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
+    track = AnswerPositions(start, 16, fmt, scheme)
+    return enc["input_ids"], [track.advance(answer[:end]) for _, end in enc["offset_mapping"]]
+
+
+def test_cells_covered_counts_finished_runs_and_rows():
+    assert cells_covered("others *16\n others *4| x *3", 16, 16, "rrle") == 16 + 7
+    assert cells_covered("others *16\n others *4| x", 16, 16, "rrle") == 16 + 4
+    assert cells_covered("others *40", 16, 16, "rrle") == 16  # an overlong row stays in its row
+    assert cells_covered("others *16\n" * 20, 16, 16, "rrle") == 256
+    assert cells_covered("others| x| others| ", 16, 16, "full") == 3
+    with pytest.raises(ValueError):
+        cells_covered("others *3", 4, 4, "irle")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_grid_positions_put_every_run_where_full_length_puts_its_first_cell(tokenizer, seed):
+    grid = random_grid(seed)
+    flat = grid.flatten()
+    starts = [0] + [k for k in range(1, flat.size) if flat[k] != flat[k - 1] or k % 16 == 0]
+
+    full_ids, full_pos = positions_of(tokenizer, answer_for(grid, "full"), "full", scheme="natural")
+    seg = full_ids.index(tokenizer.convert_tokens_to_ids(codec.OPEN_TAG))
+    # full-length, natural positions: the token that predicts cell k sits at <seg> + k
+    where_full = {k: full_pos[seg + k] for k in starts}
+
+    ids, pos = positions_of(tokenizer, answer_for(grid, "rrle"), "rrle")
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    opened = tokens.index(codec.OPEN_TAG)
+    label_at = [i for i, t in enumerate(tokens) if i > opened and t in (codec.OTHERS, LABEL)]
+    assert len(label_at) == len(starts)
+    # R-RLE, grid positions: the token that predicts each run's label sits exactly there too
+    assert [pos[i - 1] for i in label_at] == [where_full[k] for k in starts]
+    assert pos[:opened + 1] == list(range(100, 101 + opened))
+    assert pos[-1] == pos[-2] + 1  # after </seg> positions run on naturally
+
+
+def test_streamed_decoding_sees_the_positions_training_uses(tokenizer):
+    """Step-by-step decoding with a cache equals one teacher-forced pass with the same position
+    ids (what training computes), and differs from natural positions: the scheme is really applied."""
+    model = tiny.build_model(tokenizer, text_layers=2, seed=1).eval()
+    engine = Text4SegModel(model, tokenizer, tiny.build_image_processor(),
+                           Settings(16, "rrle", "question_first", positions="grid"), cache_images=0)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    question = engine.question(LABEL)
+    answer = answer_for(random_grid(3), "rrle")
+    ids, grid_pos = positions_of(tokenizer, answer, "rrle", start=0)
+
+    with torch.no_grad():
+        first, cache, counts = engine._prefill(image, question, {})
+        n_prompt = counts["prompt"]
+        track = AnswerPositions(n_prompt, 16, "rrle", "grid")
+        stepped = [first] + [engine._step(t, cache, track.advance(tokenizer.decode(ids[:i + 1])))
+                             for i, t in enumerate(ids[:-1])]
+        stepped = torch.cat(stepped)
+
+        before, after = engine._prompt_ids(question)
+        prompt_ids = before + [engine.image_token_id] * counts["image"] + after
+        full_ids = torch.tensor([prompt_ids + ids])
+
+        def forced(answer_positions):
+            position_ids = torch.tensor([list(range(n_prompt)) + answer_positions])
+            out = model(input_ids=full_ids, pixel_values=engine.pixel_values(image), position_ids=position_ids,
+                        attention_mask=torch.ones_like(full_ids))
+            return out.logits[0, n_prompt - 1:-1].float()
+
+        aligned = forced([n_prompt + p for p in grid_pos])
+        natural = forced(list(range(n_prompt, n_prompt + len(ids))))
+    assert (stepped - aligned).abs().max() < 1e-3
+    assert (stepped - natural).abs().max() > 1e-2
