@@ -130,3 +130,22 @@ def test_missing_sam_checkpoint_offline_says_what_to_do():
     assert "sam_vit_h_4b8939.pth" in message and "--sam-checkpoint" in message and "grabcut" in message
     with pytest.raises(RefinerError, match="unknown refiner"):
         build_refiner("magic")
+
+
+def test_box_prompting_asks_once_per_connected_region(monkeypatch):
+    refiner = SamRefiner(tiny_sam(), "sam-lite", "tiny", prompt="boxes")
+    boxes = []
+    original = refiner.predictor.predict
+
+    def spy(**kwargs):
+        boxes.append(kwargs["box"].tolist())
+        assert "point_coords" not in kwargs and "mask_input" not in kwargs
+        return original(**kwargs)
+
+    monkeypatch.setattr(refiner.predictor, "predict", spy)
+    coarse = np.zeros((90, 120), np.int32)
+    coarse[10:30, 5:25] = 1
+    coarse[50:80, 60:110] = 1
+    out = refiner.refine(Image.new("RGB", (120, 90), (30, 60, 90)), coarse, ["others", "two boxes"])
+    assert sorted(boxes) == [[5, 10, 25, 30], [60, 50, 110, 80]]
+    assert out.info["prompt"] == "boxes" and out.mask.shape == coarse.shape

