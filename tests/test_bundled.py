@@ -25,6 +25,7 @@ def test_bundled_model_reaches_its_cards_grid_ciou(name):
     engine = load(name, log=lambda m: None)
     card = json.loads((Path(PRESETS[name].source) / "text4seg.json").read_text())
     assert engine.settings.fmt == card["format"] and engine.settings.grid == 16
+    assert engine.settings.positions == card.get("positions", "natural")
     assert fixed_grid_ciou(engine) == pytest.approx(card["metrics"]["fixed20_grid_ciou"], abs=TOLERANCE)
 
 

@@ -18,14 +18,15 @@ QUANTS = ("auto", "4bit", "8bit", "bf16", "fp16", "fp32")
 @dataclass(frozen=True)
 class Preset:
     source: str  # a directory under assets/ or a hub id
-    settings: Settings
+    settings: Settings | None  # None: read from the model's text4seg.json
     about: str
 
 
 PRESETS = {
-    "tiny-rrle": Preset(str(ASSETS / "tiny-rrle"), Settings(16, "rrle", "question_first"),
+    # the bundled models' settings are in their own text4seg.json
+    "tiny-rrle": Preset(str(ASSETS / "tiny-rrle"), None,
                         "bundled tiny model, R-RLE, synthetic shapes domain (CPU, offline)"),
-    "tiny-full": Preset(str(ASSETS / "tiny-full"), Settings(16, "full", "question_first"),
+    "tiny-full": Preset(str(ASSETS / "tiny-full"), None,
                         "bundled tiny model, full-length descriptors, synthetic shapes domain (CPU, offline)"),
     "text4seg-llava-7b-p24": Preset("lmc22/text4seg-llava-7b-p24", Settings(24, "rrle", "llava_v1"),
                                     "the released Text4Seg LLaVA-1.5-7B checkpoint, 24 x 24 grid (GPU recommended)"),
@@ -74,7 +75,7 @@ def resolve(name: str, download: bool = True) -> Path:
 
 def infer_settings(name: str, directory: Path) -> Settings:
     """The preset's settings, else the directory's ``text4seg.json``, else guessed from the name."""
-    if name in PRESETS:
+    if name in PRESETS and PRESETS[name].settings is not None:
         return PRESETS[name].settings
     file = directory / "text4seg.json"
     if file.is_file():

@@ -145,9 +145,14 @@ def write_card(run: str | Path, name: str) -> Path:
         f"{t['lr']}, bf16 autocast, {t['minutes']} minutes wall time (CPU), with training-only patch and row heads "
         "(see `text4seg_demo/train.py`)",
         f"- command: `text4seg train-tiny --out RUN --format {settings['format']} --grid {settings['grid']} "
-        f"--minutes M [--resume]`",
+        f"--minutes {t['minutes']} --lr {t['lr']} --positions {t.get('positions', 'natural')}"
+        f"{' --init INIT_RUN' if t.get('init') else ''}`",
         *([f"- initialised from the run `{t['init']}` (a full-length model): a curriculum, full-length first"]
           if t.get("init") else []),
+        *(["- answer positions: `grid` (`text4seg_demo/positions.py`): each descriptor token's rotary position is "
+           "that of `<seg>` plus the grid cells written so far, so the token that starts the run at cell k sits "
+           "where a full-length answer would name cell k; the text is unchanged"]
+          if settings.get("positions") == "grid" else []),
         f"- grid cIoU on the 20 fixed queries of `tiny.fixed_queries()`: {settings['metrics']['fixed20_grid_ciou']}",
         "- every training attempt and its numbers: the project README, section *Tiny models*",
         "",
