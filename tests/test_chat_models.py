@@ -78,3 +78,14 @@ def test_a_peft_adapter_is_merged_on_load(qwen_dir, tmp_path):
     got, _, _ = merged._prefill(image, question, {})
     assert (with_adapter - without).abs().max() > 1e-3  # the adapter matters
     assert torch.allclose(got[0], with_adapter, atol=1e-4)
+
+
+def test_a_text_only_checkpoint_is_refused_with_a_clear_message(tmp_path):
+    from transformers import LlamaConfig
+
+    from text4seg_demo.loading import ModelUnavailable
+
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=100).save_pretrained(tmp_path)
+    with pytest.raises(ModelUnavailable, match="'llama' model.*image-text-to-text"):
+        load(str(tmp_path), log=lambda m: None)
