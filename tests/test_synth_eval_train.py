@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import LlavaForConditionalGeneration
 
 from text4seg_demo import evaluate as evaluate_module
 from text4seg_demo import synth, tiny, train
@@ -105,3 +106,18 @@ def test_a_few_training_steps_reduce_the_loss(fmt):
         opt.step()
         totals.append((lm.item(), loss.item()))
     assert totals[-1][0] < 0.8 * totals[0][0] and totals[-1][1] < totals[0][1]
+
+
+def test_a_curriculum_stage_starts_from_a_bundled_model_and_records_its_lineage():
+    tokenizer = tiny.build_tokenizer(tiny.training_corpus())
+    model = tiny.build_model(tokenizer, text_layers=6, seed=1)
+    message = train._initialise(model, train.AuxHeads(256, 16), "tiny-rrle")
+    assert "saved model" in message
+    bundled = LlavaForConditionalGeneration.from_pretrained("assets/tiny-rrle", dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), bundled.state_dict().values()))
+    # tiny-rrle started from the run that was exported as tiny-full: the lineage follows it there
+    lineage = train._lineage("tiny-rrle")
+    assert [stage["fmt"] for stage in lineage][:2] == ["full", "rrle"]
+    assert lineage[1]["init"] == lineage[0]["out"]
+    with pytest.raises(FileNotFoundError, match="--init"):
+        train._initialise(model, train.AuxHeads(256, 16), "runs/no-such-run")

@@ -162,7 +162,8 @@ def cmd_train_tiny(args) -> int:
         return 0
     cfg = TrainConfig(out=str(args.out), fmt=args.format, grid=args.grid, minutes=args.minutes, batch=args.batch,
                       lr=args.lr, seed=args.seed, eval_every_min=args.eval_every,
-                      init=str(args.init) if args.init else None, positions=args.positions)
+                      init=str(args.init) if args.init else None, positions=args.positions,
+                      bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
     path = train(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"model written to {path}", file=sys.stderr)
     return 0
@@ -275,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--threads", type=int, default=2)
     tt.add_argument("--positions", choices=("natural", "grid"), default="natural",
                     help="answer position ids: natural, or grid (each descriptor token placed at its image cell)")
+    tt.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="auto: bf16 autocast where the CPU has bf16 instructions, else fp32")
     tt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     tt.add_argument("--init", type=Path, help="start from another run's checkpoint (e.g. R-RLE after full-length)")
     tt.add_argument("--card", action="store_true", help="only (re)write OUT/model's card and fixed-query metric")

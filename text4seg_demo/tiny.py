@@ -114,6 +114,10 @@ def fixed_grid_ciou(engine) -> float:
     return grid_scores(engine, fixed_queries())["grid_ciou"]
 
 
+def _total_minutes(training: dict) -> float:
+    return training["minutes"] + sum(stage["minutes"] for stage in training.get("lineage", []))
+
+
 def write_card(run: str | Path, name: str) -> Path:
     """The model card of a finished run's ``model/``: data, size, steps, time, metrics, attempts."""
     import json
@@ -142,12 +146,16 @@ def write_card(run: str | Path, name: str) -> Path:
         f"224 px / 14 px patches, 2-layer MLP projector, Llama 256 x {t['text_layers']} layers; {params / 1e6:.2f}M parameters",
         "- tokenizer: byte-level BPE with the domain's labels, `LABEL| `, ` *N`, `| ` and `\\n ` as whole tokens",
         f"- training: {t['steps']} steps of batch {t['batch']} (fresh synthetic samples, seed {t['seed']}), AdamW "
-        f"{t['lr']}, bf16 autocast, {t['minutes']} minutes wall time (CPU), with training-only patch and row heads "
+        f"{t['lr']}, {'bf16 autocast' if t['bf16'] else 'fp32'}, {t['minutes']} minutes wall time (CPU), with training-only patch and row heads "
         "(see `text4seg_demo/train.py`)",
         f"- command: `text4seg train-tiny --out RUN --format {settings['format']} --grid {settings['grid']} "
         f"--minutes {t['minutes']} --lr {t['lr']} --positions {t.get('positions', 'natural')}"
         f"{' --init INIT_RUN' if t.get('init') else ''}`",
-        *([f"- initialised from the run `{t['init']}` (a full-length model): a curriculum, full-length first"]
+        *([f"- initialised from `{t['init']}`, a curriculum whose earlier stages were, oldest first: "
+           + "; ".join(f"{stage['fmt']}, {stage['steps']} steps in {stage['minutes']} min "
+                       f"(`--lr {stage['lr']} --positions {stage.get('positions', 'natural')}`)"
+                       for stage in t.get("lineage", []))
+           + f". Training time of the weights in all: {_total_minutes(t):.0f} CPU-minutes"]
           if t.get("init") else []),
         *(["- answer positions: `grid` (`text4seg_demo/positions.py`): each descriptor token's rotary position is "
            "that of `<seg>` plus the grid cells written so far, so the token that starts the run at cell k sits "

@@ -52,7 +52,7 @@ class TrainConfig:
     eval_every_min: float = 10.0
     eval_queries: int = 48
     text_layers: int = 6
-    bf16: bool = True
+    bf16: bool | None = None  # bf16 autocast; None: where the CPU computes bf16 natively (else it is ~15x slower)
     init: str | None = None  # start from another run's weights (a curriculum), not from scratch
     positions: str = "natural"  # or "grid": answer tokens aligned with their image cells (positions.py)
 
@@ -160,6 +160,11 @@ def losses(model, heads, batch, grid):
     return lm, patch, row
 
 
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX); emulated bf16 is far slower than fp32."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def cosine(step, warmup, total):
     if step < warmup:
         return (step + 1) / warmup
@@ -183,6 +188,56 @@ def held_out(n: int, seed: int = 10**6):
     return [synth.sample(maker, synth.KINDS[i % len(synth.KINDS)]) for i in range(n)]
 
 
+def _settings_file(source: Path) -> Path | None:
+    for path in (source / "text4seg.json", source / "model" / "text4seg.json"):
+        if path.exists():
+            return path
+    return None
+
+
+def _init_source(init: str) -> Path:
+    """The directory ``--init`` names: a run, a saved model or a bundled preset. A run directory
+    that is gone resolves to the bundled model exported from it."""
+    from .loading import PRESETS
+
+    if init in PRESETS:
+        return Path(PRESETS[init].source)
+    if Path(init).exists():
+        return Path(init)
+    for preset in PRESETS.values():
+        saved = _settings_file(Path(preset.source))
+        if saved and json.loads(saved.read_text()).get("training", {}).get("out") == init:
+            return Path(preset.source)
+    return Path(init)
+
+
+def _initialise(model, heads, init: str) -> str:
+    """Load the starting weights of a curriculum stage; say where they came from."""
+    source = _init_source(init)
+    if (source / "checkpoint.pt").exists():
+        start = torch.load(source / "checkpoint.pt", weights_only=False)
+        model.load_state_dict(start["model"])
+        heads.load_state_dict(start["heads"])
+        return f"initialised from the run {init} (step {start['step']}, {start['config']['fmt']})"
+    if (source / "model.safetensors").exists():
+        from transformers import LlavaForConditionalGeneration
+
+        saved = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
+        model.load_state_dict(saved.state_dict())
+        return f"initialised from the saved model {source} (training heads start afresh)"
+    raise FileNotFoundError(f"--init {init}: no checkpoint.pt or model.safetensors in {source}")
+
+
+def _lineage(init: str | None) -> list[dict]:
+    """The training records of the runs a model's weights started from, oldest first."""
+    saved = _settings_file(_init_source(init)) if init else None
+    if saved is None:
+        return []
+    training = json.loads(saved.read_text()).get("training", {})
+    earlier = training.get("lineage") or _lineage(training.get("init"))
+    return [*earlier, {k: v for k, v in training.items() if k != "lineage"}]
+
+
 def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,10 +257,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     maker, rng = synth.SceneMaker(cfg.seed), random.Random(cfg.seed)
     step, elapsed = 0, 0.0
     if state is None and cfg.init:
-        start = torch.load(Path(cfg.init) / "checkpoint.pt", weights_only=False)
-        model.load_state_dict(start["model"])
-        heads.load_state_dict(start["heads"])
-        log(f"initialised from {cfg.init} (step {start['step']}, {start['config']['fmt']})")
+        log(_initialise(model, heads, cfg.init))
     if state is not None:
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
@@ -214,6 +266,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         rng.setstate(state["rng"])
         step, elapsed = state["step"], state["elapsed"]
         log(f"resumed at step {step} ({elapsed / 60:.1f} min)")
+    if cfg.bf16 is None:
+        cfg.bf16 = native_bf16()
+    log(f"precision: {'bf16 autocast' if cfg.bf16 else 'fp32'}")
     queries = held_out(cfg.eval_queries)
     budget = cfg.minutes * 60
     est_total = max(step + 1, int(budget / 2.0))  # steps, re-estimated as we go
@@ -306,6 +361,7 @@ def export(run: str | Path) -> Path:
     curve = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     settings = {"grid": cfg.grid, "format": cfg.fmt, "prompt_style": PROMPT_STYLE, "question_template": 0,
                 "positions": cfg.positions,
-                "training": {**asdict(cfg), "steps": state["step"], "minutes": round(state["elapsed"] / 60, 1)},
+                "training": {**asdict(cfg), "steps": state["step"], "minutes": round(state["elapsed"] / 60, 1),
+                             "lineage": _lineage(cfg.init)},
                 "metrics": {k: v for k, v in curve[-1].items() if k not in ("step", "minutes")} if curve else {}}
     return tiny.save_pretrained(model, tokenizer, run / "model", settings)
