@@ -21,20 +21,50 @@ def llama_tokenizer():
     return AutoTokenizer.from_pretrained(str(LLAMA_VOCAB.parent), gguf_file=LLAMA_VOCAB.name)
 
 
+def write_sentencepiece_tokenizer(path: Path) -> Path:
+    """A small SentencePiece BPE model in the released checkpoint's files: ``tokenizer.model`` and a
+    ``LlamaTokenizer`` config, no ``tokenizer.json``."""
+    import random
+
+    import sentencepiece as spm
+
+    from text4seg_demo import prompts
+
+    path.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    words = [*prompts.question("white horse", 0).split(), *prompts.lead_in("white horse").split(), "others",
+             "<seg>", "</seg>", "*16", "*4|", "*6|"]
+    corpus = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(500)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(path / "tokenizer"),
+                                   vocab_size=400, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    (path / "tokenizer.vocab").unlink()
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "legacy": False, "model_max_length": 2048}))
+    return path
+
+
 def write_tiny_clip(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     CLIPVisionModel(CLIPVisionConfig(**CLIP)).save_pretrained(path)
     return path
 
 
-def write_original_llava(root: Path, vision_in_checkpoint: bool = True, seed: int = 0):
+def write_original_llava(root: Path, vision_in_checkpoint: bool = True, seed: int = 0, sentencepiece: bool = False):
     """A random LLaVA-1.5-style checkpoint in the original code base's layout.
 
     Returns ``(directory, reference)`` where ``reference`` is a transformers LLaVA built
     directly from the same weights (its image token appended at the end of the vocabulary).
+    The tokenizer is the LLaMA vocabulary as ``tokenizer.json``, or with ``sentencepiece`` a
+    small ``tokenizer.model`` like the released checkpoint's.
     """
     tower = write_tiny_clip(root / "tiny-clip", seed)
-    tokenizer = llama_tokenizer()
+    ckpt = root / "text4seg-tiny-llava-p24"
+    if sentencepiece:
+        tokenizer = AutoTokenizer.from_pretrained(write_sentencepiece_tokenizer(ckpt))
+    else:
+        tokenizer = llama_tokenizer()
     vocab = len(tokenizer)
     torch.manual_seed(seed + 1)
     config = LlavaConfig(vision_config=CLIPVisionConfig(**CLIP),
@@ -59,15 +89,15 @@ def write_original_llava(root: Path, vision_in_checkpoint: bool = True, seed: in
             tensor = tensor[:vocab]  # the original tokenizer has no image token
         original[key] = tensor.clone().contiguous()
 
-    ckpt = root / "text4seg-tiny-llava-p24"
-    ckpt.mkdir(parents=True)
+    ckpt.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
     names = sorted(original)
     half = len(names) // 2
     save_file({k: original[k] for k in names[:half]}, str(ckpt / "model-00001-of-00002.safetensors"))
     save_file({k: original[k] for k in names[half:]}, str(ckpt / "model-00002-of-00002.safetensors"))
-    tokenizer.save_pretrained(ckpt)
+    if not sentencepiece:
+        tokenizer.save_pretrained(ckpt)
     (ckpt / "config.json").write_text(json.dumps({
         "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "vocab_size": vocab,
         **LLAMA, "hidden_act": "silu", "tie_word_embeddings": False,

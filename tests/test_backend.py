@@ -130,7 +130,14 @@ def test_missing_hub_model_offline_names_it_and_says_what_to_do():
         resolve("/no/such/dir")
 
 
-def test_cli_segment_on_an_original_llava_checkpoint(original, tmp_path):
+@pytest.fixture(scope="module")
+def sentencepiece_original(tmp_path_factory):
+    return write_original_llava(tmp_path_factory.mktemp("llava-spm"), sentencepiece=True)
+
+
+@pytest.mark.parametrize("checkpoint", ["original", "sentencepiece_original"])
+def test_cli_segment_on_an_original_llava_checkpoint(checkpoint, request, tmp_path):
+    original = request.getfixturevalue(checkpoint)
     photo(7, (120, 90)).save(tmp_path / "in.png")
     out = subprocess.run([sys.executable, "-m", "text4seg_demo", "segment", str(tmp_path / "in.png"), LABEL,
                           "--model", str(original[0]), "--grid", "24", "--constrained", "--json",

@@ -151,7 +151,8 @@ def write_card(run: str | Path, name: str) -> Path:
         f"- command: `text4seg train-tiny --out RUN --format {settings['format']} --grid {settings['grid']} "
         f"--minutes {t['minutes']} --lr {t['lr']} --positions {t.get('positions', 'natural')}"
         f"{' --init INIT_RUN' if t.get('init') else ''}`",
-        *([f"- initialised from `{t['init']}`, a curriculum whose earlier stages were, oldest first: "
+        *([f"- a curriculum: this stage started from the weights of `{t['init']}` as they were then; earlier "
+           "stages, oldest first: "
            + "; ".join(f"{stage['fmt']}, {stage['steps']} steps in {stage['minutes']} min "
                        f"(`--lr {stage['lr']} --positions {stage.get('positions', 'natural')}`)"
                        for stage in t.get("lineage", []))
