@@ -17,6 +17,15 @@ LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0)
 
 
+def noise_image(seed: int = 0, size: tuple[int, int] = (80, 60)):
+    """A random RGB picture of ``size`` (width, height): input for random-weight models."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
 def llama_tokenizer():
     return AutoTokenizer.from_pretrained(str(LLAMA_VOCAB.parent), gguf_file=LLAMA_VOCAB.name)
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
-from fakes import write_original_llava
+from fakes import noise_image, write_original_llava
 from text4seg_demo import codec
 from text4seg_demo.convert import convert
 from text4seg_demo.loading import ModelUnavailable, load, plan_precision, resolve
@@ -24,11 +24,6 @@ def original(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(original):
     return load(str(original[0]), grid=24, log=lambda m: None)
-
-
-def photo(seed=0, size=(80, 60)):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
 
 
 @pytest.mark.parametrize("tower_in_checkpoint", [True, False])
@@ -51,7 +46,7 @@ def test_converted_logits_match_a_directly_built_llava(tmp_path, tower_in_checkp
 @pytest.mark.parametrize("fmt", ["rrle", "full"])
 @pytest.mark.parametrize("grid", [16, 24])
 def test_constrained_decoding_from_random_weights_is_always_well_formed(engine, fmt, grid):
-    gen = engine.generate(photo(grid), engine.question(LABEL), [LABEL], fmt=fmt, grid=grid, constrained=True)
+    gen = engine.generate(noise_image(grid), engine.question(LABEL), [LABEL], fmt=fmt, grid=grid, constrained=True)
     parsed = codec.parse_answer(gen.text, grid, fmt=fmt, allowed_labels=[LABEL])
     assert parsed.diagnostics == [], parsed.diagnostics
     assert parsed.grid.shape == (grid, grid)
@@ -59,14 +54,14 @@ def test_constrained_decoding_from_random_weights_is_always_well_formed(engine, 
 
 
 def test_unconstrained_random_model_output_is_reported_not_hidden(engine):
-    gen = engine.generate(photo(1), engine.question(LABEL), [LABEL], max_new_tokens=20)
+    gen = engine.generate(noise_image(1), engine.question(LABEL), [LABEL], max_new_tokens=20)
     assert gen.tokens["generated"] <= 20
     parsed = codec.parse_answer(gen.text, 24)
     assert parsed.grid.shape == (24, 24) and parsed.diagnostics
 
 
 def test_streaming_yields_rows_and_the_same_text(engine):
-    image = photo(2)
+    image = noise_image(2)
     events = list(engine.stream(image, engine.question(LABEL), [LABEL], constrained=True, grid=16))
     final = events[-1]
     assert final.done and final.generation is not None
@@ -78,7 +73,7 @@ def test_streaming_yields_rows_and_the_same_text(engine):
 
 def test_second_question_on_the_same_image_reuses_the_image_prefix(original):
     warm = load(str(original[0]), grid=24, log=lambda m: None)
-    image = photo(4)
+    image = noise_image(4)
     warm.generate(image, warm.question("a dog"), ["a dog"], max_new_tokens=5)
     hits = dict(warm.stats)
     second = warm.generate(image, warm.question(LABEL), [LABEL], max_new_tokens=30)
@@ -91,7 +86,7 @@ def test_second_question_on_the_same_image_reuses_the_image_prefix(original):
 def test_replay_force_decodes_the_given_text(engine):
     body = codec.encode(np.zeros((16, 16), int), ["others"], "full")
     answer = codec.wrap(body, "Sure:")
-    gen = engine.replay(photo(5), engine.question(LABEL), answer)
+    gen = engine.replay(noise_image(5), engine.question(LABEL), answer)
     assert gen.replayed and gen.text == answer
     assert gen.tokens["generated"] == engine.count_tokens(answer)
     assert gen.timings["decode"] > 0
@@ -103,7 +98,7 @@ def test_four_bit_on_cpu_loads_and_generates(original):
     assert small.quant == "4bit"
     linear = small.model.model.language_model.layers[0].self_attn.q_proj
     assert "4bit" in type(linear).__name__.lower()
-    gen = small.generate(photo(6), small.question(LABEL), [LABEL], constrained=True, grid=16)
+    gen = small.generate(noise_image(6), small.question(LABEL), [LABEL], constrained=True, grid=16)
     assert codec.parse_answer(gen.text, 16).diagnostics == []
 
 
@@ -138,7 +133,7 @@ def sentencepiece_original(tmp_path_factory):
 @pytest.mark.parametrize("checkpoint", ["original", "sentencepiece_original"])
 def test_cli_segment_on_an_original_llava_checkpoint(checkpoint, request, tmp_path):
     original = request.getfixturevalue(checkpoint)
-    photo(7, (120, 90)).save(tmp_path / "in.png")
+    noise_image(7, (120, 90)).save(tmp_path / "in.png")
     out = subprocess.run([sys.executable, "-m", "text4seg_demo", "segment", str(tmp_path / "in.png"), LABEL,
                           "--model", str(original[0]), "--grid", "24", "--constrained", "--json",
                           str(tmp_path / "r.json"), "--mask", str(tmp_path / "m.png")],

@@ -1,12 +1,10 @@
 """Transformers-native VLMs through their chat templates, and PEFT adapters."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from fakes import write_tiny_qwen2_vl
+from fakes import noise_image, write_tiny_qwen2_vl
 from text4seg_demo import codec
 from text4seg_demo.backend import ChatTemplateModel
 from text4seg_demo.loading import load
@@ -24,11 +22,6 @@ def engine(qwen_dir):
     return load(str(qwen_dir), grid=16, log=lambda m: None)
 
 
-def picture(seed=0, size=(90, 60)):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-
-
 def first_token_logits(model, processor, image, question):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -39,7 +32,7 @@ def first_token_logits(model, processor, image, question):
 
 def test_qwen2_vl_loads_through_the_auto_classes_and_its_chat_template(engine, qwen_dir):
     assert isinstance(engine, ChatTemplateModel) and engine.settings.prompt_style == "chat"
-    image, question = picture(), engine.question(LABEL)
+    image, question = noise_image(0, (90, 60)), engine.question(LABEL)
     reference = AutoModelForImageTextToText.from_pretrained(qwen_dir).eval()
     expected, inputs = first_token_logits(reference, AutoProcessor.from_pretrained(qwen_dir), image, question)
     got, _, counts = engine._prefill(image, question, {})
@@ -50,7 +43,7 @@ def test_qwen2_vl_loads_through_the_auto_classes_and_its_chat_template(engine, q
 
 @pytest.mark.parametrize("fmt", ["rrle", "full"])
 def test_qwen2_vl_constrained_answers_are_well_formed_and_stream_the_same_text(engine, fmt):
-    image = picture(1, (60, 120))
+    image = noise_image(1, (60, 120))
     question = engine.question(LABEL)
     events = list(engine.stream(image, question, [LABEL], fmt=fmt, constrained=True))
     final = events[-1].generation
@@ -69,7 +62,7 @@ def test_a_peft_adapter_is_merged_on_load(qwen_dir, tmp_path):
     lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     lora.save_pretrained(tmp_path / "adapter")
     processor = AutoProcessor.from_pretrained(qwen_dir)
-    image, question = picture(2), "Please segment only the the red circle in the image."
+    image, question = noise_image(2, (90, 60)), "Please segment only the the red circle in the image."
     with_adapter, _ = first_token_logits(lora.eval(), processor, image, question)
     with lora.disable_adapter():
         without, _ = first_token_logits(lora, processor, image, question)
