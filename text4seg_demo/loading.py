@@ -114,9 +114,20 @@ def plan_precision(quant: str, device) -> tuple[str, str]:
             return "fp16", f"bitsandbytes has no {quant} kernels for Apple MPS"
         if quant == "8bit" and device.type == "cpu":
             return "fp32", "bitsandbytes 8-bit needs CUDA; 4-bit works on CPU"
-    if quant == "fp16" and device.type == "cpu":
-        return "bf16", "fp16 matrix products are slow or missing on CPU"
+    if device.type == "cpu" and quant in ("fp16", "bf16"):
+        notes = ["fp16 matrix products are slow or missing on CPU"] if quant == "fp16" else []
+        if not native_bf16():
+            notes.append("this CPU has no bf16 instructions, so bf16 is emulated: half the memory of fp32, "
+                         "but several times slower")
+        return "bf16", "; ".join(notes)
     return quant, ""
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX) rather than emulating it."""
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _quant_kwargs(quant: str, device) -> dict:
@@ -182,7 +193,7 @@ def load(name: str = DEFAULT_MODEL, quant: str = "auto", device: str | None = No
                                     if v is not None})
     torch_device = choose_device(device)
     served, note = plan_precision(quant, torch_device)
-    notes = [f"--quant {quant} served as {served}: {note}"] if note else []
+    notes = [f"--quant {quant}{'' if served == quant else f' served as {served}'}: {note}"] if note else []
     llava = json.loads((directory / "config.json").read_text()).get("model_type") == "llava"
     model_class = _model_class(directory, name, llava)
     kwargs = _quant_kwargs(served, torch_device)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import codec, prompts, synth, tiny
+from .loading import native_bf16
 from .masks import to_grid
 from .positions import AnswerPositions
 
@@ -158,11 +159,6 @@ def losses(model, heads, batch, grid):
                                              pos_weight=torch.tensor(POS_WEIGHT))
     row = row + F.cross_entropy(heads.row_index(row_states), row_targets)
     return lm, patch, row
-
-
-def native_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX); emulated bf16 is far slower than fp32."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def cosine(step, warmup, total):
