@@ -31,23 +31,28 @@ def llama_tokenizer():
 
 
 def write_sentencepiece_tokenizer(path: Path) -> Path:
-    """A small SentencePiece BPE model in the released checkpoint's files: ``tokenizer.model`` and a
-    ``LlamaTokenizer`` config, no ``tokenizer.json``."""
-    import random
+    """The LLaMA vocabulary in the released checkpoint's tokenizer files: a SentencePiece
+    ``tokenizer.model`` (built from the bundled GGUF vocabulary) and a ``LlamaTokenizer`` config."""
+    from gguf import GGUFReader
+    from sentencepiece import sentencepiece_model_pb2 as spm
 
-    import sentencepiece as spm
+    fields = GGUFReader(str(LLAMA_VOCAB)).fields
 
-    from text4seg_demo import prompts
+    def values(name):
+        return [fields[name].parts[i] for i in fields[name].data]
 
+    model = spm.ModelProto()
+    for piece, score, kind in zip(values("tokenizer.ggml.tokens"), values("tokenizer.ggml.scores"),
+                                  values("tokenizer.ggml.token_type")):
+        model.pieces.add(piece=bytes(piece).decode(), score=float(score[0]), type=int(kind[0]))
+    trainer = model.trainer_spec
+    trainer.model_type, trainer.vocab_size = spm.TrainerSpec.BPE, len(model.pieces)
+    trainer.byte_fallback, trainer.split_digits = True, True
+    trainer.unk_id, trainer.bos_id, trainer.eos_id, trainer.pad_id = 0, 1, 2, -1
+    normalizer = model.normalizer_spec
+    normalizer.name, normalizer.add_dummy_prefix, normalizer.remove_extra_whitespaces = "identity", True, False
     path.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(0)
-    words = [*prompts.question("white horse", 0).split(), *prompts.lead_in("white horse").split(), "others",
-             "<seg>", "</seg>", "*16", "*4|", "*6|"]
-    corpus = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(500)]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(path / "tokenizer"),
-                                   vocab_size=400, model_type="bpe", byte_fallback=True, character_coverage=1.0,
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
-    (path / "tokenizer.vocab").unlink()
+    (path / "tokenizer.model").write_bytes(model.SerializeToString())
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": True, "add_eos_token": False, "legacy": False, "model_max_length": 2048}))
@@ -65,8 +70,8 @@ def write_original_llava(root: Path, vision_in_checkpoint: bool = True, seed: in
 
     Returns ``(directory, reference)`` where ``reference`` is a transformers LLaVA built
     directly from the same weights (its image token appended at the end of the vocabulary).
-    The tokenizer is the LLaMA vocabulary as ``tokenizer.json``, or with ``sentencepiece`` a
-    small ``tokenizer.model`` like the released checkpoint's.
+    The tokenizer is the LLaMA vocabulary, as ``tokenizer.json`` or, with ``sentencepiece``, as a
+    ``tokenizer.model`` alone like the released checkpoint's.
     """
     tower = write_tiny_clip(root / "tiny-clip", seed)
     ckpt = root / "text4seg-tiny-llava-p24"

@@ -33,6 +33,21 @@ def test_spec_example_token_counts_under_llama_vocabulary(llama):
     assert count_tokens(llama, codec.encode(spec_grid(), HORSE, "full")) == 220 * 2 + 36 * 3
 
 
+def test_the_released_checkpoints_tokenizer_format_counts_like_the_bundled_vocabulary(llama, tmp_path):
+    # the released checkpoint ships its vocabulary as a SentencePiece tokenizer.model; read through
+    # transformers it must split answers exactly as the bundled GGUF vocabulary does
+    from transformers import AutoTokenizer
+
+    from fakes import write_sentencepiece_tokenizer
+
+    released = AutoTokenizer.from_pretrained(write_sentencepiece_tokenizer(tmp_path))
+    answer = codec.wrap(codec.encode(spec_grid(), HORSE, "rrle"), "Sure, here is the segmentation mask for 'white horse':")
+    for text in [answer, *(codec.encode(spec_grid(), HORSE, fmt) for fmt in ("rrle", "full", "irle"))]:
+        assert released(text)["input_ids"] == llama(text)["input_ids"]
+    assert [count_tokens(released, codec.encode(spec_grid(), HORSE, fmt)) for fmt in ("rrle", "full", "irle")] == \
+        [128, 548, 65]
+
+
 def test_full_length_count_matches_the_vocabulary_notice(llama):
     # the shared vocabulary's notice measured 568 tokens for 200 others + 56 white horse
     body = "| ".join(["others"] * 200 + ["white horse"] * 56)
