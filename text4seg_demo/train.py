@@ -192,19 +192,10 @@ def _settings_file(source: Path) -> Path | None:
 
 
 def _init_source(init: str) -> Path:
-    """The directory ``--init`` names: a run, a saved model or a bundled preset. A run directory
-    that is gone resolves to the bundled model exported from it."""
+    """The directory ``--init`` names: a run, a saved model or a bundled preset."""
     from .loading import PRESETS
 
-    if init in PRESETS:
-        return Path(PRESETS[init].source)
-    if Path(init).exists():
-        return Path(init)
-    for preset in PRESETS.values():
-        saved = _settings_file(Path(preset.source))
-        if saved and json.loads(saved.read_text()).get("training", {}).get("out") == init:
-            return Path(preset.source)
-    return Path(init)
+    return Path(PRESETS[init].source) if init in PRESETS else Path(init)
 
 
 def _initialise(model, heads, init: str) -> str:
