@@ -121,3 +121,17 @@ def test_a_curriculum_stage_starts_from_a_bundled_model_and_records_its_lineage(
     assert lineage[1]["init"] == lineage[0]["out"]
     with pytest.raises(FileNotFoundError, match="--init"):
         train._initialise(model, train.AuxHeads(256, 16), "runs/no-such-run")
+
+
+def test_the_tower_probe_reads_what_the_features_hold():
+    model = LlavaForConditionalGeneration.from_pretrained("assets/tiny-rrle", dtype=torch.float32).eval()
+    processor = tiny.build_image_processor()
+    trained = train.tower_probe(model, processor, 16, n_fit=120, n_test=40)
+    assert trained["tower_colour_accuracy"] > 0.9  # a trained tower's features hold the colour
+    for p in model.model.vision_tower.parameters():
+        p.data.zero_()
+    blind = train.tower_probe(model, processor, 16, n_fit=120, n_test=40)
+    # constant features: the probe can only guess the commonest class
+    for name in ("colour", "shape"):
+        assert blind[f"tower_{name}_accuracy"] <= blind[f"tower_{name}_commonest"] + 1e-6
+    assert trained["tower_colour_accuracy"] > trained["tower_colour_commonest"] + 0.5

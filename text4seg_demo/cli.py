@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--init", type=Path, help="start from another run's checkpoint (e.g. R-RLE after full-length)")
     tt.add_argument("--card", action="store_true", help="only (re)write OUT/model's card and fixed-query metric")
     tt.add_argument("--probe", action="store_true",
-                    help="only report where OUT's checkpoint grounds (training heads, teacher-forced)")
+                    help="only report where OUT's checkpoint grounds (training heads, teacher-forced) "
+                         "and what its vision tower tells apart (linear probes)")
     tt.set_defaults(func=cmd_train_tiny)
 
     ev = commands.add_parser("eval", help="score a model on a manifest (cIoU, gIoU, grid cIoU, malformed rate)")

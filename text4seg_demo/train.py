@@ -315,7 +315,7 @@ def _load_run(run: str | Path):
 def probe(run: str | Path, n: int = 32) -> dict:
     """Where a run's grounding lives, teacher-forced on held-out queries: the patch head's cIoU
     at the image positions, the row head's cIoU on the row being written, and how often the
-    row head knows which row that is."""
+    row head knows which row that is; then what the vision tower alone tells (:func:`tower_probe`)."""
     state, cfg, tokenizer, model = _load_run(run)
     processor = tiny.build_image_processor()
     heads = AuxHeads(model.config.text_config.hidden_size, cfg.grid)
@@ -338,7 +338,49 @@ def probe(run: str | Path, n: int = 32) -> dict:
         counts += [(patch & truth).sum(), (patch | truth).sum(), (cells & row_truth).sum(), (cells | row_truth).sum(),
                    (heads.row_index(last).argmax(-1) == rows[rows >= 0]).sum(), len(last)]
     return {"step": state["step"], "patch_head_ciou": counts[0] / max(counts[1], 1),
-            "row_head_ciou": counts[2] / max(counts[3], 1), "row_index_accuracy": counts[4] / max(counts[5], 1)}
+            "row_head_ciou": counts[2] / max(counts[3], 1), "row_index_accuracy": counts[4] / max(counts[5], 1),
+            **tower_probe(model, processor, cfg.grid)}
+
+
+@torch.no_grad()
+def tower_probe(model, processor, grid: int, n_fit: int = 400, n_test: int = 100, seed: int = 4242) -> dict:
+    """What the vision tower alone knows of each patch: the accuracy of linear probes, fitted on
+    its frozen features of generated scenes, for the shape kind and the colour of the shape under
+    the patch centre (patches on a shape only), each beside the share of the commonest class, which
+    a probe reaches by guessing. Every expression but ``all <colour> shapes`` needs the shape
+    kind, so a tower that cannot tell it caps grounding."""
+    maker = synth.SceneMaker(seed)
+    colours = list(synth.COLOURS)
+    features, kinds, hues = [], [], []
+    for n in range(n_fit + n_test):
+        image, visible, shapes = maker.scene(synth.KINDS[n % len(synth.KINDS)])
+        pixels = processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
+        states = model.model.vision_tower(pixels.to(model.dtype), output_hidden_states=True).hidden_states
+        owner = to_grid(visible, grid).reshape(-1)
+        on_shape = torch.from_numpy(owner > 0)
+        features.append(states[model.config.vision_feature_layer][0, -grid * grid:][on_shape].float())
+        under = [shapes[i - 1] for i in owner[owner > 0]]
+        kinds.append(torch.tensor([synth.SHAPES.index(s.kind) for s in under], dtype=torch.long))
+        hues.append(torch.tensor([colours.index(s.colour) for s in under], dtype=torch.long))
+    split = sum(len(k) for k in kinds[:n_fit])
+    x = torch.cat(features)
+    x = (x - x[:split].mean(0)) / (x[:split].std(0) + 1e-6)
+    accuracy = {}
+    torch.manual_seed(seed)
+    for name, labels in (("shape", torch.cat(kinds)), ("colour", torch.cat(hues))):
+        classes = len(synth.SHAPES) if name == "shape" else len(colours)
+        with torch.enable_grad():
+            linear = nn.Linear(x.shape[1], classes)
+            opt = torch.optim.Adam(linear.parameters(), lr=1e-2)
+            for _ in range(300):
+                loss = F.cross_entropy(linear(x[:split]), labels[:split])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        test = labels[split:]
+        accuracy[f"tower_{name}_accuracy"] = (linear(x[split:]).argmax(-1) == test).float().mean().item()
+        accuracy[f"tower_{name}_commonest"] = test.bincount().max().item() / len(test)
+    return accuracy
 
 
 def export(run: str | Path) -> Path:
