@@ -357,9 +357,9 @@ def tower_probe(model, processor, grid: int, n_fit: int = 400, n_test: int = 100
         pixels = processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
         states = model.model.vision_tower(pixels.to(model.dtype), output_hidden_states=True).hidden_states
         owner = to_grid(visible, grid).reshape(-1)
-        on_shape = torch.from_numpy(owner > 0)
-        features.append(states[model.config.vision_feature_layer][0, -grid * grid:][on_shape].float())
-        under = [shapes[i - 1] for i in owner[owner > 0]]
+        on_shape = owner > 0
+        features.append(states[model.config.vision_feature_layer][0, -grid * grid:][torch.from_numpy(on_shape)].float())
+        under = [shapes[i - 1] for i in owner[on_shape]]
         kinds.append(torch.tensor([synth.SHAPES.index(s.kind) for s in under], dtype=torch.long))
         hues.append(torch.tensor([colours.index(s.colour) for s in under], dtype=torch.long))
     split = sum(len(k) for k in kinds[:n_fit])
@@ -367,8 +367,8 @@ def tower_probe(model, processor, grid: int, n_fit: int = 400, n_test: int = 100
     x = (x - x[:split].mean(0)) / (x[:split].std(0) + 1e-6)
     accuracy = {}
     torch.manual_seed(seed)
-    for name, labels in (("shape", torch.cat(kinds)), ("colour", torch.cat(hues))):
-        classes = len(synth.SHAPES) if name == "shape" else len(colours)
+    for name, parts, classes in (("shape", kinds, len(synth.SHAPES)), ("colour", hues, len(colours))):
+        labels = torch.cat(parts)
         with torch.enable_grad():
             linear = nn.Linear(x.shape[1], classes)
             opt = torch.optim.Adam(linear.parameters(), lr=1e-2)
