@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
 from text4seg_demo import evaluate as evaluate_module
-from text4seg_demo import synth, tiny, train
+from text4seg_demo import synth, tiny, tower, train
 from text4seg_demo.codec import Diagnostic
 from text4seg_demo.metrics import IoUMeter
 from text4seg_demo.pipeline import Result
@@ -126,11 +126,11 @@ def test_a_curriculum_stage_starts_from_a_bundled_model_and_records_its_lineage(
 def test_the_tower_probe_reads_what_the_features_hold():
     model = LlavaForConditionalGeneration.from_pretrained("assets/tiny-rrle", dtype=torch.float32).eval()
     processor = tiny.build_image_processor()
-    trained = train.tower_probe(model, processor, 16, n_fit=120, n_test=40)
+    trained = tower.tower_probe(model, processor, 16, n_fit=120, n_test=40)
     assert trained["tower_colour_accuracy"] > 0.9  # a trained tower's features hold the colour
     for p in model.model.vision_tower.parameters():
         p.data.zero_()
-    blind = train.tower_probe(model, processor, 16, n_fit=120, n_test=40)
+    blind = tower.tower_probe(model, processor, 16, n_fit=120, n_test=40)
     # constant features: the probe can only guess the commonest class
     for name in ("colour", "shape"):
         assert blind[f"tower_{name}_accuracy"] <= blind[f"tower_{name}_commonest"] + 1e-6

@@ -144,6 +144,11 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def _given(**options) -> dict:
+    """The options the user set: the rest keep each training stage's own defaults."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def cmd_train_tiny(args) -> int:
     import torch
 
@@ -160,10 +165,21 @@ def cmd_train_tiny(args) -> int:
 
         print(f"model card written to {write_card(args.out, args.out.name) / 'README.md'}", file=sys.stderr)
         return 0
-    cfg = TrainConfig(out=str(args.out), fmt=args.format, grid=args.grid, minutes=args.minutes, batch=args.batch,
-                      lr=args.lr, seed=args.seed, eval_every_min=args.eval_every,
+    if args.stage == "tower":
+        from .tower import TowerConfig, train_tower
+
+        cfg = TowerConfig(out=str(args.out), grid=args.grid, seed=args.seed, eval_every_min=args.eval_every,
+                          minutes=args.minutes, workers=args.workers,
+                          **_given(steps=args.steps, batch=args.batch, lr=args.lr))
+        train_tower(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
+        print(f"tower written to {args.out / 'checkpoint.pt'}; start a LLaVA stage with --init {args.out}",
+              file=sys.stderr)
+        return 0
+    cfg = TrainConfig(out=str(args.out), fmt=args.format, grid=args.grid, seed=args.seed, steps=args.steps,
+                      minutes=args.minutes, workers=args.workers, eval_every_min=args.eval_every,
+                      **_given(batch=args.batch, lr=args.lr),
                       init=str(args.init) if args.init else None, positions=args.positions,
-                      bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
+                      freeze_tower=args.freeze_tower, bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
     path = train(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"model written to {path}", file=sys.stderr)
     return 0
@@ -266,11 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     tt = commands.add_parser("train-tiny", help="train a tiny Text4Seg model from scratch on the synthetic domain")
     tt.add_argument("--out", type=Path, required=True, help="run directory (checkpoint, log.jsonl, model/)")
+    tt.add_argument("--stage", choices=("llava", "tower"), default="llava",
+                    help="tower: first teach the vision tower shape kinds and colours per patch "
+                         "(dense labels); llava: train the whole model to write descriptors (default)")
     tt.add_argument("--format", choices=("rrle", "full"), default="rrle")
     tt.add_argument("--grid", type=_grid, default=16)
-    tt.add_argument("--minutes", type=float, default=60, help="wall-clock budget of this run (default 60)")
-    tt.add_argument("--batch", type=int, default=16)
-    tt.add_argument("--lr", type=float, default=2e-3)
+    tt.add_argument("--steps", type=int, help="stop after this many optimiser steps (default: 2800 tower; "
+                                              "llava: none); steps, unlike minutes, mean the same on any machine")
+    tt.add_argument("--minutes", type=float, help="wall-clock cap of this run (default: 60 llava without --steps)")
+    tt.add_argument("--workers", type=int, default=0,
+                    help="processes that build batches (default 0: best on a 2-core CPU; use more beside a GPU)")
+    tt.add_argument("--batch", type=int, help="default: 16 for the llava stage, 32 for the tower stage")
+    tt.add_argument("--lr", type=float, help="default: 2e-3 for the llava stage, 1e-3 for the tower stage")
     tt.add_argument("--seed", type=int, default=0)
     tt.add_argument("--eval-every", type=float, default=10, help="minutes between held-out evaluations")
     tt.add_argument("--threads", type=int, default=2)
@@ -279,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                     help="auto: bf16 autocast where the CPU has bf16 instructions, else fp32")
     tt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    tt.add_argument("--init", type=Path, help="start from another run's checkpoint (e.g. R-RLE after full-length)")
+    tt.add_argument("--init", type=Path, help="start from another run's checkpoint: a tower stage, or a LLaVA stage (e.g. R-RLE after full-length)")
+    tt.add_argument("--freeze-tower", action="store_true",
+                    help="keep the vision tower fixed (after --init from a tower stage, so its shape kinds survive)")
     tt.add_argument("--card", action="store_true", help="only (re)write OUT/model's card and fixed-query metric")
     tt.add_argument("--probe", action="store_true",
                     help="only report where OUT's checkpoint grounds (training heads, teacher-forced) "

@@ -33,6 +33,8 @@ from . import codec, prompts, synth, tiny
 from .loading import native_bf16
 from .masks import to_grid
 from .positions import AnswerPositions
+from .steps import batches, training_device
+from .tower import tower_probe
 
 PROMPT_STYLE = "question_first"
 POS_WEIGHT = 3.0  # target patches are few: weigh them up in the auxiliary losses
@@ -43,7 +45,7 @@ class TrainConfig:
     out: str
     fmt: str = "rrle"
     grid: int = 16
-    minutes: float = 60.0
+    minutes: float | None = None  # wall-clock cap; 60 when no steps are given
     batch: int = 16
     lr: float = 2e-3
     warmup: int = 100
@@ -51,11 +53,18 @@ class TrainConfig:
     patch_weight: float = 1.0
     row_weight: float = 1.0
     eval_every_min: float = 10.0
-    eval_queries: int = 48
+    eval_queries: int = 48  # 0: no held-out evaluation
     text_layers: int = 6
     bf16: bool | None = None  # bf16 autocast; None: where the CPU computes bf16 natively (else it is ~15x slower)
     init: str | None = None  # start from another run's weights (a curriculum), not from scratch
     positions: str = "natural"  # or "grid": answer tokens aligned with their image cells (positions.py)
+    steps: int | None = None  # stop after this many steps (the cosine schedule spans them)
+    workers: int = 0  # processes building batches (steps.py)
+    freeze_tower: bool = False  # keep the vision tower as it starts (after a tower stage: see tower.py)
+
+    def __post_init__(self):
+        if self.steps is None and self.minutes is None:
+            self.minutes = 60.0
 
 
 class AuxHeads(nn.Module):
@@ -137,26 +146,26 @@ def losses(model, heads, batch, grid):
     logits = out.logits[:, :-1].float()
     targets = batch["labels"][:, 1:]
     weights = batch["weights"][:, 1:] * (targets != -100)
+    device = weights.device
     ce = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
     lm = (ce * weights).sum() / weights.sum()
 
     states = out.hidden_states
     mid = states[len(states) // 2].float()
-    idx = batch["image_start"][:, None] + torch.arange(grid * grid)[None]
+    idx = batch["image_start"][:, None] + torch.arange(grid * grid, device=device)[None]
     image_states = torch.gather(mid, 1, idx[..., None].expand(-1, -1, mid.shape[-1]))
     cells = batch["cells"].flatten(1).float()
-    patch = F.binary_cross_entropy_with_logits(heads.patch(image_states).squeeze(-1), cells,
-                                               pos_weight=torch.tensor(POS_WEIGHT))
+    pos_weight = torch.tensor(POS_WEIGHT, device=device)
+    patch = F.binary_cross_entropy_with_logits(heads.patch(image_states).squeeze(-1), cells, pos_weight=pos_weight)
 
     last = states[-1].float()
     rows = batch["next_rows"]
     sel = rows >= 0
     row_states = last[sel]
     row_targets = rows[sel]
-    owner = torch.arange(rows.shape[0])[:, None].expand_as(rows)[sel]
+    owner = torch.arange(rows.shape[0], device=device)[:, None].expand_as(rows)[sel]
     row_cells = batch["cells"].float()[owner, row_targets]
-    row = F.binary_cross_entropy_with_logits(heads.row_cells(row_states), row_cells,
-                                             pos_weight=torch.tensor(POS_WEIGHT))
+    row = F.binary_cross_entropy_with_logits(heads.row_cells(row_states), row_cells, pos_weight=pos_weight)
     row = row + F.cross_entropy(heads.row_index(row_states), row_targets)
     return lm, patch, row
 
@@ -202,7 +211,10 @@ def _initialise(model, heads, init: str) -> str:
     """Load the starting weights of a curriculum stage; say where they came from."""
     source = _init_source(init)
     if (source / "checkpoint.pt").exists():
-        start = torch.load(source / "checkpoint.pt", weights_only=False)
+        start = torch.load(source / "checkpoint.pt", weights_only=False, map_location="cpu")
+        if "tower" in start:  # a tower stage (tower.py): the rest starts afresh
+            model.model.vision_tower.load_state_dict(start["tower"])
+            return f"vision tower initialised from the tower stage {init} (step {start['step']})"
         model.load_state_dict(start["model"])
         heads.load_state_dict(start["heads"])
         return f"initialised from the run {init} (step {start['step']}, {start['config']['fmt']})"
@@ -231,56 +243,63 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     torch.manual_seed(cfg.seed)
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
-        cfg = TrainConfig(**{**state["config"], "minutes": cfg.minutes, "out": cfg.out})
+        state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+        cfg = TrainConfig(**{**state["config"], "minutes": cfg.minutes, "steps": cfg.steps, "out": cfg.out,
+                             "workers": cfg.workers})
     else:
         state = None
+    device = training_device()
     tokenizer = tiny.build_tokenizer(tiny.training_corpus())
     processor = tiny.build_image_processor()
     model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed)
     heads = AuxHeads(model.config.text_config.hidden_size, cfg.grid)
-    params = list(model.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    maker, rng = synth.SceneMaker(cfg.seed), random.Random(cfg.seed)
     step, elapsed = 0, 0.0
     if state is None and cfg.init:
         log(_initialise(model, heads, cfg.init))
+    model.to(device), heads.to(device)
+    model.model.vision_tower.requires_grad_(not cfg.freeze_tower)
+    params = [p for p in [*model.parameters(), *heads.parameters()] if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
     if state is not None:
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
         opt.load_state_dict(state["opt"])
-        maker.rng.bit_generator.state = state["maker"]
-        rng.setstate(state["rng"])
         step, elapsed = state["step"], state["elapsed"]
         log(f"resumed at step {step} ({elapsed / 60:.1f} min)")
     if cfg.bf16 is None:
-        cfg.bf16 = native_bf16()
-    log(f"precision: {'bf16 autocast' if cfg.bf16 else 'fp32'}")
+        cfg.bf16 = device.type == "cpu" and native_bf16()
+    log(f"{cfg.fmt} stage on {device}, {'bf16 autocast' if cfg.bf16 else 'fp32'}: batch {cfg.batch}, "
+        + (f"up to step {cfg.steps}" if cfg.steps else f"{cfg.minutes} min"))
     queries = held_out(cfg.eval_queries)
-    budget = cfg.minutes * 60
-    est_total = max(step + 1, int(budget / 2.0))  # steps, re-estimated as we go
+    budget = cfg.minutes * 60 if cfg.minutes else math.inf
+    est_total = cfg.steps or max(step + 1, int(budget / 2.0))  # without --steps: re-estimated as we go
     last_eval, t0 = elapsed, time.time() - elapsed
     model.train()
 
     def save():
         torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
-                    "maker": maker.rng.bit_generator.state, "rng": rng.getstate(), "step": step,
-                    "elapsed": time.time() - t0, "config": asdict(cfg)}, ckpt_path)
+                    "step": step, "elapsed": time.time() - t0, "config": asdict(cfg)}, ckpt_path)
 
     def evaluate():
-        metrics = grid_ciou(model, tokenizer, processor, queries, cfg)
+        metrics = grid_ciou(model, tokenizer, processor, queries, cfg) if queries else {}
         record = {"step": step, "minutes": round((time.time() - t0) / 60, 2), **metrics}
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         log(json.dumps(record))
         return metrics
 
-    while time.time() - t0 < budget:
-        batch = collate([encode_example(tokenizer, processor, *synth.sample(maker), cfg.fmt, cfg.grid, rng,
-                                        cfg.positions) for _ in range(cfg.batch)], tokenizer.pad_token_id)
+    def make(numpy_rng, rng):
+        maker = synth.SceneMaker(numpy_rng)
+        return collate([encode_example(tokenizer, processor, *synth.sample(maker), cfg.fmt, cfg.grid, rng,
+                                       cfg.positions) for _ in range(cfg.batch)], tokenizer.pad_token_id)
+
+    for batch in batches(make, cfg.seed, step, cfg.steps, cfg.workers):
+        if time.time() - t0 >= budget:
+            break
+        batch = {key: value.to(device) for key, value in batch.items()}
         for group in opt.param_groups:
             group["lr"] = cfg.lr * cosine(step, cfg.warmup, est_total)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             lm, patch, row = losses(model, heads, batch, cfg.grid)
         loss = lm + cfg.patch_weight * patch + cfg.row_weight * row
         opt.zero_grad(set_to_none=True)
@@ -289,7 +308,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         opt.step()
         step += 1
         spent = time.time() - t0
-        est_total = max(step + 1, int(step * budget / max(spent, 1e-6)))
+        if not cfg.steps:
+            est_total = max(step + 1, int(step * budget / max(spent, 1e-6)))
         if step % 20 == 0:
             log(f"step {step} {spent / 60:.1f} min lm {lm.item():.4f} patch {patch.item():.4f} row {row.item():.4f}")
         if spent - last_eval >= cfg.eval_every_min * 60:
@@ -303,7 +323,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
 
 def _load_run(run: str | Path):
     """A run's checkpoint, config, tokenizer and model with the trained weights."""
-    state = torch.load(Path(run) / "checkpoint.pt", weights_only=False)
+    state = torch.load(Path(run) / "checkpoint.pt", weights_only=False, map_location="cpu")
     cfg = TrainConfig(**state["config"])
     tokenizer = tiny.build_tokenizer(tiny.training_corpus())
     model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed)
@@ -340,47 +360,6 @@ def probe(run: str | Path, n: int = 32) -> dict:
     return {"step": state["step"], "patch_head_ciou": counts[0] / max(counts[1], 1),
             "row_head_ciou": counts[2] / max(counts[3], 1), "row_index_accuracy": counts[4] / max(counts[5], 1),
             **tower_probe(model, processor, cfg.grid)}
-
-
-@torch.no_grad()
-def tower_probe(model, processor, grid: int, n_fit: int = 400, n_test: int = 100, seed: int = 4242) -> dict:
-    """What the vision tower alone knows of each patch: the accuracy of linear probes, fitted on
-    its frozen features of generated scenes, for the shape kind and the colour of the shape under
-    the patch centre (patches on a shape only), each beside the share of the commonest class, which
-    a probe reaches by guessing. Every expression but ``all <colour> shapes`` needs the shape
-    kind, so a tower that cannot tell it caps grounding."""
-    maker = synth.SceneMaker(seed)
-    colours = list(synth.COLOURS)
-    features, kinds, hues = [], [], []
-    for n in range(n_fit + n_test):
-        image, visible, shapes = maker.scene(synth.KINDS[n % len(synth.KINDS)])
-        pixels = processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
-        states = model.model.vision_tower(pixels.to(model.dtype), output_hidden_states=True).hidden_states
-        owner = to_grid(visible, grid).reshape(-1)
-        on_shape = owner > 0
-        features.append(states[model.config.vision_feature_layer][0, -grid * grid:][torch.from_numpy(on_shape)].float())
-        under = [shapes[i - 1] for i in owner[on_shape]]
-        kinds.append(torch.tensor([synth.SHAPES.index(s.kind) for s in under], dtype=torch.long))
-        hues.append(torch.tensor([colours.index(s.colour) for s in under], dtype=torch.long))
-    split = sum(len(k) for k in kinds[:n_fit])
-    x = torch.cat(features)
-    x = (x - x[:split].mean(0)) / (x[:split].std(0) + 1e-6)
-    accuracy = {}
-    torch.manual_seed(seed)
-    for name, parts, classes in (("shape", kinds, len(synth.SHAPES)), ("colour", hues, len(colours))):
-        labels = torch.cat(parts)
-        with torch.enable_grad():
-            linear = nn.Linear(x.shape[1], classes)
-            opt = torch.optim.Adam(linear.parameters(), lr=1e-2)
-            for _ in range(300):
-                loss = F.cross_entropy(linear(x[:split]), labels[:split])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        test = labels[split:]
-        accuracy[f"tower_{name}_accuracy"] = (linear(x[split:]).argmax(-1) == test).float().mean().item()
-        accuracy[f"tower_{name}_commonest"] = test.bincount().max().item() / len(test)
-    return accuracy
 
 
 def export(run: str | Path) -> Path:

@@ -1,0 +1,69 @@
+import json
+
+import numpy as np
+import torch
+
+from text4seg_demo import steps, synth, tiny, tower, train
+
+
+def test_patch_labels_name_the_shape_under_each_patch_centre():
+    visible = np.zeros((40, 80), np.int32)
+    visible[:20, :40] = 1  # a red circle over the top-left quarter
+    visible[10:40, 30:80] = 2  # a blue star on top of it, to the bottom right
+    shapes = [synth.Shape("circle", "red", 0, 0, 1, 0), synth.Shape("star", "blue", 0, 0, 1, 0)]
+    kind, colour, instance = tower.patch_labels(visible, shapes, 4).reshape(3, 4, 4)
+    circle, star = 1 + synth.SHAPES.index("circle"), 1 + synth.SHAPES.index("star")
+    # patch centres fall at rows 5, 15, 25, 35 and columns 10, 30, 50, 70
+    assert kind.tolist() == [[circle, circle, 0, 0], [circle, star, star, star], [0, star, star, star],
+                             [0, star, star, star]]
+    assert colour[0, 0] == 1 + list(synth.COLOURS).index("red") and colour[3, 3] == 1 + list(synth.COLOURS).index("blue")
+    assert instance[1, 1] == 2 and instance[0, 1] == 1 and instance[3, 0] == 0
+
+
+def test_batches_are_the_same_with_any_number_of_workers():
+    def make(numpy_rng, python_rng):
+        return torch.tensor([numpy_rng.random(), python_rng.random()])
+
+    alone = list(steps.batches(make, seed=3, start=5, stop=9, workers=0))
+    helped = list(steps.batches(make, seed=3, start=5, stop=9, workers=2))
+    assert len(alone) == 4 and all(torch.equal(a, b) for a, b in zip(alone, helped))
+    # a resumed stream picks up exactly where it stopped; another seed is another stream
+    assert torch.equal(next(iter(steps.batches(make, 3, 7, 9))), alone[2])
+    assert not torch.equal(next(iter(steps.batches(make, 4, 5, 9))), alone[0])
+
+
+def test_a_few_tower_steps_reduce_both_losses():
+    torch.manual_seed(0)
+    model = tiny.build_model(tiny.build_tokenizer(tiny.training_corpus()), vision_hidden=64, vision_layers=1)
+    vision, head = model.model.vision_tower, tower.PatchHead(64)
+    pixels, labels = tower.scenes(synth.SceneMaker(0), 4, tiny.build_image_processor(), 16)
+    opt = torch.optim.AdamW([*vision.parameters(), *head.parameters()], lr=3e-3)
+    totals = []
+    for _ in range(10):
+        loss = tower.losses(vision, head, pixels, labels, 16, pool_weight=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        totals.append(loss.item())
+    assert totals[-1] < 0.7 * totals[0]
+
+
+def test_a_llava_stage_starts_from_a_tower_stage_keeps_it_frozen_and_records_it(tmp_path):
+    run = tower.train_tower(tower.TowerConfig(out=str(tmp_path / "tower"), steps=2, batch=2, eval_scenes=4))
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 2 and 0 <= log[-1]["kind_accuracy"] <= 1
+    # resuming a finished stage with a larger step budget continues its stream where it stopped
+    tower.train_tower(tower.TowerConfig(out=str(run), steps=3), resume=True)
+    assert json.loads((run / "text4seg.json").read_text())["training"]["steps"] == 3
+    trained = torch.load(run / "checkpoint.pt", weights_only=False)["tower"]
+
+    cfg = train.TrainConfig(out=str(tmp_path / "llava"), steps=2, batch=2, eval_queries=0, init=str(run),
+                            freeze_tower=True)
+    model_dir = train.train(cfg, log=lambda message: None)
+    after = torch.load(tmp_path / "llava" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(after[f"model.vision_tower.{name}"], value) for name, value in trained.items())
+    fresh = tiny.build_model(tiny.build_tokenizer(tiny.training_corpus()), text_layers=cfg.text_layers).state_dict()
+    projector = "model.multi_modal_projector.linear_1.weight"
+    assert projector in after and not torch.equal(after[projector], fresh[projector])  # the rest did train
+    lineage = json.loads((model_dir / "text4seg.json").read_text())["training"]["lineage"]
+    assert [stage.get("stage") for stage in lineage] == ["tower"] and lineage[0]["steps"] == 3
