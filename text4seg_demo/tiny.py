@@ -118,6 +118,14 @@ def _total_minutes(training: dict) -> float:
     return training["minutes"] + sum(stage["minutes"] for stage in training.get("lineage", []))
 
 
+def _stage_summary(stage: dict) -> str:
+    where = f" on {stage['device']}" if stage.get("device", "cpu") != "cpu" else ""
+    if stage.get("stage") == "tower":
+        return f"tower stage, {stage['steps']} steps of {stage['batch']} scenes in {stage['minutes']} min{where}"
+    return (f"{stage['fmt']}, {stage['steps']} steps in {stage['minutes']} min{where} "
+            f"(`--lr {stage['lr']} --positions {stage.get('positions', 'natural')}`)")
+
+
 def write_card(run: str | Path, name: str) -> Path:
     """The model card of a finished run's ``model/``: data, size, steps, time, metrics, attempts."""
     import json
@@ -136,7 +144,7 @@ def write_card(run: str | Path, name: str) -> Path:
     lines = [
         f"# {name}: a tiny Text4Seg model ({'R-RLE' if settings['format'] == 'rrle' else 'full-length'} descriptors)",
         "",
-        "Trained from scratch on CPU by text4seg-demo on its synthetic shapes domain (`text4seg synth`), "
+        "Trained from scratch by text4seg-demo on its synthetic shapes domain (`text4seg synth`), "
         "speaking the released checkpoint's language: the SPEC's question templates, the lead-in "
         "`Sure, here is the segmentation mask for '<expression>':`, `<seg>` wrapping, `others` for background, "
         f"a {settings['grid']} x {settings['grid']} grid. Prompt template: `{settings['prompt_style']}` "
@@ -146,17 +154,16 @@ def write_card(run: str | Path, name: str) -> Path:
         f"224 px / 14 px patches, 2-layer MLP projector, Llama 256 x {t['text_layers']} layers; {params / 1e6:.2f}M parameters",
         "- tokenizer: byte-level BPE with the domain's labels, `LABEL| `, ` *N`, `| ` and `\\n ` as whole tokens",
         f"- training: {t['steps']} steps of batch {t['batch']} (fresh synthetic samples, seed {t['seed']}), AdamW "
-        f"{t['lr']}, {'bf16 autocast' if t['bf16'] else 'fp32'}, {t['minutes']} minutes wall time (CPU), with training-only patch and row heads "
+        f"{t['lr']}, {'bf16 autocast' if t['bf16'] else 'fp32'}, {t['minutes']} minutes wall time "
+        f"({t.get('device', 'cpu').upper()}), with training-only patch and row heads "
         "(see `text4seg_demo/train.py`)",
         f"- command: `text4seg train-tiny --out RUN --format {settings['format']} --grid {settings['grid']} "
-        f"--minutes {t['minutes']} --lr {t['lr']} --positions {t.get('positions', 'natural')}"
-        f"{' --init INIT_RUN' if t.get('init') else ''}`",
+        f"--steps {t['steps']} --lr {t['lr']} --positions {t.get('positions', 'natural')}"
+        f"{' --init INIT_RUN' if t.get('init') else ''}{' --freeze-tower' if t.get('freeze_tower') else ''}`",
         *([f"- a curriculum: this stage started from the weights of `{t['init']}` as they were then; earlier "
            "stages, oldest first: "
-           + "; ".join(f"{stage['fmt']}, {stage['steps']} steps in {stage['minutes']} min "
-                       f"(`--lr {stage['lr']} --positions {stage.get('positions', 'natural')}`)"
-                       for stage in t.get("lineage", []))
-           + f". Training time of the weights in all: {_total_minutes(t):.0f} CPU-minutes"]
+           + "; ".join(_stage_summary(stage) for stage in t.get("lineage", []))
+           + f". Training time of the weights in all: {_total_minutes(t):.0f} minutes"]
           if t.get("init") else []),
         *(["- answer positions: `grid` (`text4seg_demo/positions.py`): each descriptor token's rotary position is "
            "that of `<seg>` plus the grid cells written so far, so the token that starts the run at cell k sits "
@@ -169,7 +176,8 @@ def write_card(run: str | Path, name: str) -> Path:
         "",
         "| step | minutes | grid cIoU | malformed |",
         "|---|---|---|---|",
-        *[f"| {c['step']} | {c['minutes']} | {c['grid_ciou']:.3f} | {c['malformed_rate']:.3f} |" for c in curve],
+        *[f"| {c['step']} | {c['minutes']} | {c['grid_ciou']:.3f} | {c['malformed_rate']:.3f} |"
+          for c in curve if "grid_ciou" in c],
     ]
     (model_dir / "README.md").write_text("\n".join(lines) + "\n")
     return model_dir

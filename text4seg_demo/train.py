@@ -278,7 +278,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
 
     def save():
         torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
-                    "step": step, "elapsed": time.time() - t0, "config": asdict(cfg)}, ckpt_path)
+                    "step": step, "elapsed": time.time() - t0, "config": asdict(cfg), "device": device.type}, ckpt_path)
 
     def evaluate():
         metrics = grid_ciou(model, tokenizer, processor, queries, cfg) if queries else {}
@@ -370,6 +370,7 @@ def export(run: str | Path) -> Path:
     settings = {"grid": cfg.grid, "format": cfg.fmt, "prompt_style": PROMPT_STYLE, "question_template": 0,
                 "positions": cfg.positions,
                 "training": {**asdict(cfg), "steps": state["step"], "minutes": round(state["elapsed"] / 60, 1),
+                             "device": state.get("device", "cpu"),
                              "lineage": _lineage(cfg.init)},
                 "metrics": {k: v for k, v in curve[-1].items() if k not in ("step", "minutes")} if curve else {}}
     return tiny.save_pretrained(model, tokenizer, run / "model", settings)
