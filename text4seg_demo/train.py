@@ -11,8 +11,12 @@ the hidden states the answer is generated from (neither is used at inference):
   token it must recover that token's grid row (index and foreground cells), which is
   exactly the read-out the answer needs.
 
+A from-scratch tower never learns the shape kinds this way, so the recipe starts with a tower
+stage (``tower.py``) and trains this one from it with the tower frozen (``--init TOWER
+--freeze-tower``).
+
 Everything is resumable: ``--resume`` continues from ``OUT/checkpoint.pt`` with the same
-data stream, and every evaluation is appended to ``OUT/log.jsonl``.
+data stream (``steps.py``), and every evaluation is appended to ``OUT/log.jsonl``.
 """
 
 from __future__ import annotations
