@@ -34,7 +34,15 @@ def batches(make: Callable, seed: int, start: int, stop: int | None, workers: in
     ``workers`` background processes (0: in this process, the fastest on a 2-core CPU)."""
     steps = range(start, stop) if stop is not None else itertools.count(start)
     return DataLoader(StepBatches(make, seed), batch_size=None, sampler=steps, num_workers=workers,
-                      prefetch_factor=4 if workers else None, persistent_workers=False)
+                      prefetch_factor=4 if workers else None)
+
+
+def descend(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor, max_norm: float = 1.0) -> None:
+    """One optimiser step on ``loss``, gradients clipped to ``max_norm``."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
 
 
 def training_device() -> torch.device:

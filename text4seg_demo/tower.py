@@ -27,7 +27,7 @@ from torch import nn
 
 from . import synth, tiny
 from .masks import to_grid
-from .steps import batches, training_device
+from .steps import batches, descend, training_device
 
 COLOURS = list(synth.COLOURS)
 BACKGROUND_WEIGHT = 0.3  # most patches are background: weigh them down in the per-patch losses
@@ -163,7 +163,8 @@ def train_tower(cfg: TowerConfig, resume: bool = False, log=print) -> Path:
     torch.manual_seed(cfg.seed)
     tower = tiny.build_model(tiny.build_tokenizer(tiny.training_corpus()), seed=cfg.seed).model.vision_tower
     head = PatchHead(tower.config.hidden_size)
-    tower.to(device), head.to(device)
+    tower.to(device)
+    head.to(device)
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     processor = tiny.build_image_processor()
@@ -202,10 +203,7 @@ def train_tower(cfg: TowerConfig, resume: bool = False, log=print) -> Path:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         loss = losses(tower, head, pixels.to(device), labels.to(device), cfg.grid, cfg.pool_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        descend(opt, params, loss)
         step += 1
         spent = time.time() - t0
         if step % 20 == 0:

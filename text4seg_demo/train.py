@@ -37,7 +37,7 @@ from . import codec, prompts, synth, tiny
 from .loading import native_bf16
 from .masks import to_grid
 from .positions import AnswerPositions
-from .steps import batches, training_device
+from .steps import batches, descend, training_device
 from .tower import tower_probe
 
 PROMPT_STYLE = "question_first"
@@ -260,7 +260,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     step, elapsed = 0, 0.0
     if state is None and cfg.init:
         log(_initialise(model, heads, cfg.init))
-    model.to(device), heads.to(device)
+    model.to(device)
+    heads.to(device)
     model.model.vision_tower.requires_grad_(not cfg.freeze_tower)
     params = [p for p in [*model.parameters(), *heads.parameters()] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -306,10 +307,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             lm, patch, row = losses(model, heads, batch, cfg.grid)
         loss = lm + cfg.patch_weight * patch + cfg.row_weight * row
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        descend(opt, params, loss)
         step += 1
         spent = time.time() - t0
         if not cfg.steps:
