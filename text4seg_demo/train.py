@@ -66,10 +66,6 @@ class TrainConfig:
     workers: int = 0  # processes building batches (steps.py)
     freeze_tower: bool = False  # keep the vision tower as it starts (after a tower stage: see tower.py)
 
-    def __post_init__(self):
-        if self.steps is None and self.minutes is None:
-            self.minutes = 60.0
-
 
 class AuxHeads(nn.Module):
     """Training-only heads: patch membership at image positions, row read-out at answer positions."""
@@ -248,7 +244,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
-        cfg = TrainConfig(**{**state["config"], "minutes": cfg.minutes, "steps": cfg.steps, "out": cfg.out,
+        steps = cfg.steps if cfg.steps is not None else state["config"].get("steps")  # kept unless given
+        cfg = TrainConfig(**{**state["config"], "minutes": cfg.minutes, "steps": steps, "out": cfg.out,
                              "workers": cfg.workers})
     else:
         state = None
@@ -273,11 +270,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         log(f"resumed at step {step} ({elapsed / 60:.1f} min)")
     if cfg.bf16 is None:
         cfg.bf16 = device.type == "cpu" and native_bf16()
-    log(f"{cfg.fmt} stage on {device}, {'bf16 autocast' if cfg.bf16 else 'fp32'}: batch {cfg.batch}, "
-        + (f"up to step {cfg.steps}" if cfg.steps else f"{cfg.minutes} min"))
     queries = held_out(cfg.eval_queries)
-    budget = cfg.minutes * 60 if cfg.minutes else math.inf
+    budget = cfg.minutes * 60 if cfg.minutes else (math.inf if cfg.steps else 3600.0)
     est_total = cfg.steps or max(step + 1, int(budget / 2.0))  # without --steps: re-estimated as we go
+    log(f"{cfg.fmt} stage on {device}, {'bf16 autocast' if cfg.bf16 else 'fp32'}: batch {cfg.batch}, "
+        + (f"up to step {cfg.steps}" if cfg.steps else f"{budget / 60:g} min"))
     last_eval, t0 = elapsed, time.time() - elapsed
     model.train()
 
