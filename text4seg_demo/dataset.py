@@ -1,4 +1,5 @@
-"""Manifests: ``DIR/manifest.jsonl``, one query per line ``{"image", "expression", "mask"}``."""
+"""Manifests: ``DIR/manifest.jsonl``, one query per line ``{"image", "expression", "mask"}``
+and optionally ``"kind"`` (the kind of expression, which ``eval`` breaks its scores down by)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ class Query:
     image: Path
     expression: str
     mask: Path
+    kind: str | None = None
 
 
 def read_manifest(root: str | Path, limit: int | None = None) -> list[Query]:
@@ -26,7 +28,9 @@ def read_manifest(root: str | Path, limit: int | None = None) -> list[Query]:
             continue
         try:
             row = json.loads(line)
-            queries.append(Query(root / row["image"], str(row["expression"]), root / row["mask"]))
+            kind = row.get("kind")
+            queries.append(Query(root / row["image"], str(row["expression"]), root / row["mask"],
+                                 None if kind is None else str(kind)))
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{manifest}:{number}: expected {{\"image\", \"expression\", \"mask\"}} ({err})") from None
         if limit and len(queries) >= limit:

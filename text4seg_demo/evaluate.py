@@ -27,6 +27,7 @@ def evaluate(engine: Text4SegModel | None, data: str, refiner=None, constrained:
     queries = read_manifest(data, limit)
     coarse, refined, grid_meter, oracle = IoUMeter(), IoUMeter(), IoUMeter(), IoUMeter()
     rows, malformed, tokens, latency, first, repeat = [], 0, [], [], [], []
+    by_kind: dict[str, tuple[IoUMeter, IoUMeter]] = {}  # kind -> (grid, coarse)
     grid = engine.settings.grid if engine is not None else grid
     name = engine.name if engine is not None else "oracle"
     for q in tqdm(queries, desc=f"eval {name}", disable=not progress, unit="query"):
@@ -50,6 +51,11 @@ def evaluate(engine: Text4SegModel | None, data: str, refiner=None, constrained:
                "generated_tokens": result.tokens["generated"], "latency_s": round(latency[-1], 4),
                "diagnostics": [d.code for d in result.diagnostics]}
         oracle.add(to_image(truth_grid, *truth.shape), truth)
+        if q.kind is not None:
+            row["kind"] = q.kind
+            kind_grid, kind_coarse = by_kind.setdefault(q.kind, (IoUMeter(), IoUMeter()))
+            kind_grid.add(result.grid > 0, truth_grid)
+            kind_coarse.add(result.coarse > 0, truth)
         if result.refined is not None:
             row["iou_refined"] = refined.add(result.refined > 0, truth)
         malformed += bool(result.diagnostics)
@@ -66,6 +72,9 @@ def evaluate(engine: Text4SegModel | None, data: str, refiner=None, constrained:
         "mean_latency_s": float(np.mean(latency)) if n else None,
         "queries": rows,
     }
+    if by_kind:
+        report["by_kind"] = {kind: {"n": len(g.ious), "grid_ciou": g.ciou, "coarse_ciou": c.ciou}
+                             for kind, (g, c) in sorted(by_kind.items())}
     if repeat:
         report["refine_first_s"] = float(np.mean(first))
         report["refine_repeat_s"] = float(np.mean(repeat))
