@@ -177,7 +177,7 @@ def cmd_train_tiny(args) -> int:
         return 0
     cfg = TrainConfig(out=str(args.out), fmt=args.format, grid=args.grid, seed=args.seed, steps=args.steps,
                       minutes=args.minutes, workers=args.workers, eval_every_min=args.eval_every,
-                      **_given(batch=args.batch, lr=args.lr),
+                      eval_queries=args.eval_queries, **_given(batch=args.batch, lr=args.lr),
                       init=str(args.init) if args.init else None, positions=args.positions,
                       freeze_tower=args.freeze_tower, bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
     path = train(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -296,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--lr", type=float, help="default: 2e-3 for the llava stage, 1e-3 for the tower stage")
     tt.add_argument("--seed", type=int, default=0)
     tt.add_argument("--eval-every", type=float, default=10, help="minutes between held-out evaluations")
+    tt.add_argument("--eval-queries", type=int, default=48,
+                    help="held-out queries of each evaluation of a llava stage (0: none)")
     tt.add_argument("--threads", type=int, default=2)
     tt.add_argument("--positions", choices=("natural", "grid"), default="natural",
                     help="answer position ids: natural, or grid (each descriptor token placed at its image cell)")
