@@ -87,8 +87,8 @@ def test_eval_aggregates_like_the_reference(tmp_path, monkeypatch):
     assert report["giou"] == {"coarse": pytest.approx(2 / 3), "refined": None}  # empty/empty counts 1
     assert report["grid_ciou"] == 0.5 and report["oracle_ciou"] == 1.0
     assert report["malformed_rate"] == pytest.approx(1 / 3) and report["mean_generated_tokens"] == 10
-    assert report["by_kind"] == {"absent": {"n": 1, "grid_ciou": 1.0, "coarse_ciou": 1.0},
-                                 "side": {"n": 2, "grid_ciou": 0.5, "coarse_ciou": 0.5}}
+    assert report["by_kind"] == {"absent": {"n": 1, "grid_ciou": 1.0, "grid_giou": 1.0, "coarse_ciou": 1.0},
+                                 "side": {"n": 2, "grid_ciou": 0.5, "grid_giou": 0.5, "coarse_ciou": 0.5}}
     assert [q["kind"] for q in report["queries"]] == ["side", "absent", "side"]
 
 

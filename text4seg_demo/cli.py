@@ -163,7 +163,7 @@ def cmd_train_tiny(args) -> int:
     if args.card:
         from .tiny import write_card
 
-        print(f"model card written to {write_card(args.out, args.out.name) / 'README.md'}", file=sys.stderr)
+        print(f"model card written to {write_card(args.out) / 'README.md'}", file=sys.stderr)
         return 0
     if args.stage == "tower":
         from .tower import TowerConfig, train_tower

@@ -73,7 +73,7 @@ def evaluate(engine: Text4SegModel | None, data: str, refiner=None, constrained:
         "queries": rows,
     }
     if by_kind:
-        report["by_kind"] = {kind: {"n": len(g.ious), "grid_ciou": g.ciou, "coarse_ciou": c.ciou}
+        report["by_kind"] = {kind: {"n": len(g.ious), "grid_ciou": g.ciou, "grid_giou": g.giou, "coarse_ciou": c.ciou}
                              for kind, (g, c) in sorted(by_kind.items())}
     if repeat:
         report["refine_first_s"] = float(np.mean(first))

@@ -126,8 +126,10 @@ def _stage_summary(stage: dict) -> str:
             f"(`--lr {stage['lr']} --positions {stage.get('positions', 'natural')}`)")
 
 
-def write_card(run: str | Path, name: str) -> Path:
-    """The model card of a finished run's ``model/``: data, size, steps, time, metrics, attempts."""
+def write_card(run: str | Path) -> Path:
+    """The model card of a finished run's ``model/``: data, size, steps, time, metrics, attempts.
+
+    It is titled with the preset the run's format is bundled as (``tiny-rrle``, ``tiny-full``)."""
     import json
 
     from .loading import load
@@ -141,6 +143,7 @@ def write_card(run: str | Path, name: str) -> Path:
     params = sum(p.numel() for p in engine.model.parameters())
     curve = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     t = settings["training"]
+    name = f"tiny-{settings['format']}"
     lines = [
         f"# {name}: a tiny Text4Seg model ({'R-RLE' if settings['format'] == 'rrle' else 'full-length'} descriptors)",
         "",
