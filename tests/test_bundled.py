@@ -2,9 +2,12 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from text4seg_demo import codec
+from text4seg_demo.bench import bench
 from text4seg_demo.loading import PRESETS, load
 from text4seg_demo.tiny import fixed_grid_ciou, fixed_queries
 
@@ -35,3 +38,31 @@ def test_bundled_rrle_model_speaks_the_format():
     text = engine.generate(image, engine.question(expression), [expression]).text
     assert re.match(r"^ Sure, here is the segmentation mask for '[^'\n]+':\n<seg>", text) and text.endswith("</seg>")
     assert codec.parse_answer(text, 16).diagnostics == []
+
+
+def test_bench_sets_the_bundled_models_side_by_side(tmp_path):
+    # two 224 x 224 queries: an absent target, and a 4 x 8-cell block in rows 4-7 of the 16 x 16 grid
+    Image.new("RGB", (224, 224), "white").save(tmp_path / "x.png")
+    Image.fromarray(np.zeros((224, 224), np.uint8)).save(tmp_path / "none.png")
+    block = np.zeros((224, 224), np.uint8)
+    block[56:112, 28:140] = 255
+    Image.fromarray(block).save(tmp_path / "block.png")
+    (tmp_path / "manifest.jsonl").write_text(
+        '{"image": "x.png", "expression": "the red circle", "mask": "none.png"}\n'
+        '{"image": "x.png", "expression": "the red circle", "mask": "block.png"}\n')
+
+    report = bench(str(tmp_path), log=lambda m: None)
+
+    assert report["n"] == 2 and report["models"] == {"rrle": "tiny-rrle", "full": "tiny-full"}
+    rrle, full = report["rrle"]["mean_generated_tokens"], report["full"]["mean_generated_tokens"]
+    assert report["token_reduction"] == pytest.approx(1 - rrle / full) and full >= 256 > rrle
+    # the tiny tokenizer writes `others *16`, `| ` and each row's break as one token each: an empty
+    # grid is 16 x 2 + 16 tokens, the block's rows 4 x 8 + 12 x 2 + 16; full-length is 256 cells + 1
+    own = report["ground_truth_own"]
+    assert (own["mean_tokens_rrle"], own["mean_tokens_full"]) == (60, 257)
+    assert own["token_reduction"] == pytest.approx(1 - 60 / 257)
+    # LLaMA spends several tokens on each full-length cell: R-RLE saves more there
+    assert report["ground_truth_llama"]["token_reduction"] > own["token_reduction"]
+    assert report["answers_llama"]["mean_tokens_full"] > report["answers_llama"]["mean_tokens_rrle"]
+    assert report["constrained"]["malformed_rate"] == 0
+    assert set(report["prefix_cache"]) == {"n", "question_first", "llava_v1"}

@@ -2,8 +2,8 @@
 
 Every figure is a ratio of two measurements taken in the same process on the same queries:
 the bundled R-RLE and full-length models; constrained against free decoding; a second
-question on an image against the first; and the ground-truth masks' descriptors counted
-with the released checkpoint's LLaMA tokenizer.
+question on an image against the first; and the same descriptors (the ground-truth masks',
+the models' own answers) counted with the released checkpoint's LLaMA tokenizer.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _run(engine, items, constrained=False, desc=""):
         rows.append({"generated": result.tokens["generated"], "decode_s": result.timings["decode"],
                      "total_s": result.timings["total"], "ttft_s": result.timings["ttft"],
                      "malformed": bool(result.diagnostics), "grid": result.grid, "labels": result.labels,
-                     "text": result.text, "expression": expression, "image": image})
+                     "body": codec.extract_body(result.text)[0], "expression": expression, "image": image})
     return rows
 
 
@@ -57,13 +57,16 @@ def bench(data: str, rrle_model: str = "tiny-rrle", full_model: str = "tiny-full
     rrle_rows = _run(rrle, items, desc="R-RLE")
     full_rows = _run(full, items, desc="full-length")
     r, f = _summary(rrle_rows), _summary(full_rows)
+    truth, llama = _true_descriptors(queries, rrle.settings.grid), load_tokenizer("llama")
     out = {
         "n": len(items), "models": {"rrle": rrle_model, "full": full_model},
         "token_reduction": 1 - r["mean_generated_tokens"] / f["mean_generated_tokens"],
         "decode_speedup": f["mean_decode_s"] / r["mean_decode_s"],
         "total_speedup": f["mean_total_s"] / r["mean_total_s"],
         "rrle": r, "full": f,
-        "ground_truth_llama": _ground_truth(queries, rrle.settings.grid),
+        "ground_truth_llama": _reduction(truth, llama), "ground_truth_own": _reduction(truth, rrle.tokenizer),
+        "answers_llama": _reduction({"rrle": [r["body"] for r in rrle_rows],
+                                     "full": [r["body"] for r in full_rows]}, llama),
         "replayed_full": _replayed(rrle, rrle_rows[: min(20, len(rrle_rows))]),
         "constrained": _constrained(rrle, items[: min(20, len(items))], rrle_rows),
         "prefix_cache": _prefix_cache(rrle, items[: min(20, len(items))]),
@@ -71,15 +74,20 @@ def bench(data: str, rrle_model: str = "tiny-rrle", full_model: str = "tiny-full
     return out
 
 
-def _ground_truth(queries, grid: int) -> dict:
-    """The true masks' descriptors under the released checkpoint's LLaMA tokenizer."""
-    tokenizer = load_tokenizer("llama")
-    counts = {"rrle": [], "full": []}
+def _true_descriptors(queries, grid: int) -> dict[str, list[str]]:
+    """Each query's ground-truth mask written as R-RLE and as full-length descriptors."""
+    texts = {"rrle": [], "full": []}
     for q in queries:
         cells = to_grid(load_mask(q.mask).astype(np.uint8), grid).astype(int)
-        for fmt in counts:
-            counts[fmt].append(count_tokens(tokenizer, codec.encode(cells, [codec.OTHERS, q.expression], fmt)))
-    rrle, full = _mean(counts["rrle"]), _mean(counts["full"])
+        for fmt in texts:
+            texts[fmt].append(codec.encode(cells, [codec.OTHERS, q.expression], fmt))
+    return texts
+
+
+def _reduction(texts: dict[str, list[str]], tokenizer) -> dict:
+    """Token counts of the same masks in both formats under one tokenizer."""
+    rrle = _mean([count_tokens(tokenizer, t) for t in texts["rrle"]])
+    full = _mean([count_tokens(tokenizer, t) for t in texts["full"]])
     return {"mean_tokens_rrle": rrle, "mean_tokens_full": full, "token_reduction": 1 - rrle / full,
             "decode_speedup_at_equal_token_cost": full / rrle}
 
