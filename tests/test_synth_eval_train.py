@@ -121,10 +121,14 @@ def test_a_curriculum_stage_starts_from_a_bundled_model_and_records_its_lineage(
     assert "saved model" in message
     bundled = LlavaForConditionalGeneration.from_pretrained("assets/tiny-rrle", dtype=torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), bundled.state_dict().values()))
-    # tiny-rrle's weights started as a tower stage, frozen in the R-RLE stage: its card's lineage says so
-    lineage = train._lineage("tiny-rrle")
-    assert [stage.get("stage", stage.get("fmt")) for stage in lineage] == ["tower", "rrle"]
-    assert lineage[1]["init"] == lineage[0]["out"] and lineage[1]["freeze_tower"]
+    # both bundled models started as the same tower stage, frozen in their own stage: the cards say so
+    towers = []
+    for name, fmt in (("tiny-rrle", "rrle"), ("tiny-full", "full")):
+        lineage = train._lineage(name)
+        assert [stage.get("stage", stage.get("fmt")) for stage in lineage] == ["tower", fmt]
+        assert lineage[1]["init"] == lineage[0]["out"] and lineage[1]["freeze_tower"]
+        towers.append(lineage[0])
+    assert towers[0] == towers[1]
     with pytest.raises(FileNotFoundError, match="--init"):
         train._initialise(model, train.AuxHeads(256, 16), "runs/no-such-run")
 

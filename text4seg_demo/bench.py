@@ -30,7 +30,8 @@ def _run(engine, items, constrained=False, desc=""):
     rows = []
     for image, expression in tqdm(items, desc=desc, unit="query", leave=False):
         result = segment(engine, image, Request(expression=expression, constrained=constrained))
-        rows.append({"generated": result.tokens["generated"], "decode_s": result.timings["decode"],
+        rows.append({"generated": result.tokens["generated"], "descriptor": result.tokens["descriptor"],
+                     "decode_s": result.timings["decode"],
                      "total_s": result.timings["total"], "ttft_s": result.timings["ttft"],
                      "malformed": bool(result.diagnostics), "grid": result.grid, "labels": result.labels,
                      "body": codec.extract_body(result.text)[0], "expression": expression, "image": image})
@@ -39,6 +40,7 @@ def _run(engine, items, constrained=False, desc=""):
 
 def _summary(rows) -> dict:
     return {"mean_generated_tokens": _mean([r["generated"] for r in rows]),
+            "mean_descriptor_tokens": _mean([r["descriptor"] for r in rows]),  # between <seg> and </seg>
             "mean_decode_s": _mean([r["decode_s"] for r in rows]), "mean_total_s": _mean([r["total_s"] for r in rows]),
             "mean_ttft_s": _mean([r["ttft_s"] for r in rows]),
             "decode_tokens_per_s": _mean([r["generated"] / r["decode_s"] for r in rows if r["decode_s"] > 0]),
