@@ -2,8 +2,9 @@
 
 Every figure is a ratio of two measurements taken in the same process on the same queries:
 the bundled R-RLE and full-length models; constrained against free decoding; a second
-question on an image against the first; and the same descriptors (the ground-truth masks',
-the models' own answers) counted with the released checkpoint's LLaMA tokenizer.
+question on an image against the first; and R-RLE against full-length text of the
+ground-truth masks (under the models' own tokenizer and the released checkpoint's LLaMA
+tokenizer) and of the models' own answers (under LLaMA's).
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def bench(data: str, rrle_model: str = "tiny-rrle", full_model: str = "tiny-full
         "total_speedup": f["mean_total_s"] / r["mean_total_s"],
         "rrle": r, "full": f,
         "ground_truth_llama": _reduction(truth, llama), "ground_truth_own": _reduction(truth, rrle.tokenizer),
-        "answers_llama": _reduction({"rrle": [r["body"] for r in rrle_rows],
-                                     "full": [r["body"] for r in full_rows]}, llama),
+        "answers_llama": _reduction({"rrle": [row["body"] for row in rrle_rows],
+                                     "full": [row["body"] for row in full_rows]}, llama),
         "replayed_full": _replayed(rrle, rrle_rows[: min(20, len(rrle_rows))]),
         "constrained": _constrained(rrle, items[: min(20, len(items))], rrle_rows),
         "prefix_cache": _prefix_cache(rrle, items[: min(20, len(items))]),
@@ -87,7 +88,7 @@ def _true_descriptors(queries, grid: int) -> dict[str, list[str]]:
 
 
 def _reduction(texts: dict[str, list[str]], tokenizer) -> dict:
-    """Token counts of the same masks in both formats under one tokenizer."""
+    """Mean token counts of R-RLE and full-length descriptor texts under one tokenizer."""
     rrle = _mean([count_tokens(tokenizer, t) for t in texts["rrle"]])
     full = _mean([count_tokens(tokenizer, t) for t in texts["full"]])
     return {"mean_tokens_rrle": rrle, "mean_tokens_full": full, "token_reduction": 1 - rrle / full,
