@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from text4seg_demo import bench as bench_module
 from text4seg_demo import codec
 from text4seg_demo.bench import bench
 from text4seg_demo.loading import PRESETS, load
+from text4seg_demo.pipeline import segment
 from text4seg_demo.tiny import fixed_grid_ciou, fixed_queries
 
 TOLERANCE = 0.02  # the card's figure was measured on another machine; greedy decoding may flip a token
@@ -40,7 +42,7 @@ def test_bundled_rrle_model_speaks_the_format():
     assert codec.parse_answer(text, 16).diagnostics == []
 
 
-def test_bench_sets_the_bundled_models_side_by_side(tmp_path):
+def test_bench_sets_the_bundled_models_side_by_side(tmp_path, monkeypatch):
     # two 224 x 224 queries: an absent target, and a 4 x 8-cell block in rows 4-7 of the 16 x 16 grid
     Image.new("RGB", (224, 224), "white").save(tmp_path / "x.png")
     Image.fromarray(np.zeros((224, 224), np.uint8)).save(tmp_path / "none.png")
@@ -51,8 +53,17 @@ def test_bench_sets_the_bundled_models_side_by_side(tmp_path):
         '{"image": "x.png", "expression": "the red circle", "mask": "none.png"}\n'
         '{"image": "x.png", "expression": "the red circle", "mask": "block.png"}\n')
 
+    calls = []
+
+    def recording(engine, image, request, refiner=None):
+        calls.append(engine.name)
+        return segment(engine, image, request, refiner)
+
+    monkeypatch.setattr(bench_module, "segment", recording)
     report = bench(str(tmp_path), log=lambda m: None)
 
+    # after one warm-up each, the two models take turns to go first on the queries
+    assert calls[:6] == ["tiny-rrle", "tiny-full", "tiny-rrle", "tiny-full", "tiny-full", "tiny-rrle"]
     assert report["n"] == 2 and report["models"] == {"rrle": "tiny-rrle", "full": "tiny-full"}
     rrle, full = report["rrle"]["mean_generated_tokens"], report["full"]["mean_generated_tokens"]
     assert report["token_reduction"] == pytest.approx(1 - rrle / full) and full >= 256 > rrle

@@ -27,15 +27,23 @@ def _mean(values) -> float:
     return float(np.mean(values)) if len(values) else float("nan")
 
 
-def _run(engine, items, constrained=False, desc=""):
-    rows = []
-    for image, expression in tqdm(items, desc=desc, unit="query", leave=False):
-        result = segment(engine, image, Request(expression=expression, constrained=constrained))
-        rows.append({"generated": result.tokens["generated"], "descriptor": result.tokens["descriptor"],
-                     "decode_s": result.timings["decode"],
-                     "total_s": result.timings["total"], "ttft_s": result.timings["ttft"],
-                     "malformed": bool(result.diagnostics), "grid": result.grid, "labels": result.labels,
-                     "body": codec.extract_body(result.text)[0], "expression": expression, "image": image})
+def _query(engine, image, expression, constrained=False) -> dict:
+    result = segment(engine, image, Request(expression=expression, constrained=constrained))
+    return {"generated": result.tokens["generated"], "descriptor": result.tokens["descriptor"],
+            "decode_s": result.timings["decode"],
+            "total_s": result.timings["total"], "ttft_s": result.timings["ttft"],
+            "malformed": bool(result.diagnostics), "grid": result.grid, "labels": result.labels,
+            "body": codec.extract_body(result.text)[0], "expression": expression, "image": image}
+
+
+def _side_by_side(first, second, items) -> tuple[list[dict], list[dict]]:
+    """Each query through both models in turn, the one going first alternating, so that a change
+    in the machine's load during the run falls on both alike (timings are compared as ratios)."""
+    rows: tuple[list[dict], list[dict]] = ([], [])
+    pairs = ((first, rows[0]), (second, rows[1]))
+    for i, (image, expression) in enumerate(tqdm(items, desc="R-RLE and full-length", unit="query", leave=False)):
+        for engine, out in pairs if i % 2 == 0 else pairs[::-1]:
+            out.append(_query(engine, image, expression))
     return rows
 
 
@@ -57,8 +65,7 @@ def bench(data: str, rrle_model: str = "tiny-rrle", full_model: str = "tiny-full
     rrle, full = load(rrle_model, log=log), load(full_model, log=log)
     for engine in (rrle, full):  # one warm-up query each, outside the measurement
         segment(engine, items[0][0], Request(expression=items[0][1]))
-    rrle_rows = _run(rrle, items, desc="R-RLE")
-    full_rows = _run(full, items, desc="full-length")
+    rrle_rows, full_rows = _side_by_side(rrle, full, items)
     r, f = _summary(rrle_rows), _summary(full_rows)
     truth, llama = _true_descriptors(queries, rrle.settings.grid), load_tokenizer("llama")
     out = {
@@ -110,7 +117,8 @@ def _replayed(engine, rows) -> dict:
 
 
 def _constrained(engine, items, free_rows) -> dict:
-    rows = _run(engine, items, constrained=True, desc="constrained")
+    rows = [_query(engine, image, expression, constrained=True)
+            for image, expression in tqdm(items, desc="constrained", unit="query", leave=False)]
     free = free_rows[: len(rows)]
     c_tok = _mean([r["decode_s"] / max(1, r["generated"]) for r in rows])
     f_tok = _mean([r["decode_s"] / max(1, r["generated"]) for r in free])
