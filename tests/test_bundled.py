@@ -56,14 +56,17 @@ def test_bench_sets_the_bundled_models_side_by_side(tmp_path, monkeypatch):
     calls = []
 
     def recording(engine, image, request, refiner=None):
-        calls.append(engine.name)
+        calls.append((engine.name, request.constrained))
         return segment(engine, image, request, refiner)
 
     monkeypatch.setattr(bench_module, "segment", recording)
     report = bench(str(tmp_path), log=lambda m: None)
 
     # after one warm-up each, the two models take turns to go first on the queries
-    assert calls[:6] == ["tiny-rrle", "tiny-full", "tiny-rrle", "tiny-full", "tiny-full", "tiny-rrle"]
+    assert [name for name, _ in calls[:6]] == ["tiny-rrle", "tiny-full", "tiny-rrle", "tiny-full", "tiny-full",
+                                               "tiny-rrle"]
+    # and so do constrained and free decoding, timed against each other
+    assert calls[6:10] == [("tiny-rrle", True), ("tiny-rrle", False), ("tiny-rrle", False), ("tiny-rrle", True)]
     assert report["n"] == 2 and report["models"] == {"rrle": "tiny-rrle", "full": "tiny-full"}
     rrle, full = report["rrle"]["mean_generated_tokens"], report["full"]["mean_generated_tokens"]
     assert report["token_reduction"] == pytest.approx(1 - rrle / full) and full >= 256 > rrle

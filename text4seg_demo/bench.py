@@ -10,6 +10,7 @@ tokenizer) and of the models' own answers (under LLaMA's).
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 from tqdm import tqdm
@@ -30,20 +31,20 @@ def _mean(values) -> float:
 def _query(engine, image, expression, constrained=False) -> dict:
     result = segment(engine, image, Request(expression=expression, constrained=constrained))
     return {"generated": result.tokens["generated"], "descriptor": result.tokens["descriptor"],
-            "decode_s": result.timings["decode"],
-            "total_s": result.timings["total"], "ttft_s": result.timings["ttft"],
+            "decode_s": result.timings["decode"], "total_s": result.timings["total"], "ttft_s": result.timings["ttft"],
             "malformed": bool(result.diagnostics), "grid": result.grid, "labels": result.labels,
             "body": codec.extract_body(result.text)[0], "expression": expression, "image": image}
 
 
-def _side_by_side(first, second, items) -> tuple[list[dict], list[dict]]:
-    """Each query through both models in turn, the one going first alternating, so that a change
-    in the machine's load during the run falls on both alike (timings are compared as ratios)."""
+def _side_by_side(items, first, second, desc: str) -> tuple[list[dict], list[dict]]:
+    """Each query through both ways of answering (``(image, expression) -> row``) in turn, the one
+    going first alternating, so that a change in the machine's load during the run falls on both
+    alike (their timings are compared as ratios)."""
     rows: tuple[list[dict], list[dict]] = ([], [])
     pairs = ((first, rows[0]), (second, rows[1]))
-    for i, (image, expression) in enumerate(tqdm(items, desc="R-RLE and full-length", unit="query", leave=False)):
-        for engine, out in pairs if i % 2 == 0 else pairs[::-1]:
-            out.append(_query(engine, image, expression))
+    for i, (image, expression) in enumerate(tqdm(items, desc=desc, unit="query", leave=False)):
+        for answer, out in pairs if i % 2 == 0 else pairs[::-1]:
+            out.append(answer(image, expression))
     return rows
 
 
@@ -65,7 +66,7 @@ def bench(data: str, rrle_model: str = "tiny-rrle", full_model: str = "tiny-full
     rrle, full = load(rrle_model, log=log), load(full_model, log=log)
     for engine in (rrle, full):  # one warm-up query each, outside the measurement
         segment(engine, items[0][0], Request(expression=items[0][1]))
-    rrle_rows, full_rows = _side_by_side(rrle, full, items)
+    rrle_rows, full_rows = _side_by_side(items, partial(_query, rrle), partial(_query, full), "R-RLE and full-length")
     r, f = _summary(rrle_rows), _summary(full_rows)
     truth, llama = _true_descriptors(queries, rrle.settings.grid), load_tokenizer("llama")
     out = {
@@ -78,7 +79,7 @@ def bench(data: str, rrle_model: str = "tiny-rrle", full_model: str = "tiny-full
         "answers_llama": _reduction({"rrle": [row["body"] for row in rrle_rows],
                                      "full": [row["body"] for row in full_rows]}, llama),
         "replayed_full": _replayed(rrle, rrle_rows[: min(20, len(rrle_rows))]),
-        "constrained": _constrained(rrle, items[: min(20, len(items))], rrle_rows),
+        "constrained": _constrained(rrle, items[: min(20, len(items))]),
         "prefix_cache": _prefix_cache(rrle, items[: min(20, len(items))]),
     }
     return out
@@ -89,8 +90,8 @@ def _true_descriptors(queries, grid: int) -> dict[str, list[str]]:
     texts = {"rrle": [], "full": []}
     for q in queries:
         cells = to_grid(load_mask(q.mask).astype(np.uint8), grid).astype(int)
-        for fmt in texts:
-            texts[fmt].append(codec.encode(cells, [codec.OTHERS, q.expression], fmt))
+        for fmt, out in texts.items():
+            out.append(codec.encode(cells, [codec.OTHERS, q.expression], fmt))
     return texts
 
 
@@ -116,10 +117,9 @@ def _replayed(engine, rows) -> dict:
             "decode_speedup": _mean(decode) / own}
 
 
-def _constrained(engine, items, free_rows) -> dict:
-    rows = [_query(engine, image, expression, constrained=True)
-            for image, expression in tqdm(items, desc="constrained", unit="query", leave=False)]
-    free = free_rows[: len(rows)]
+def _constrained(engine, items) -> dict:
+    rows, free = _side_by_side(items, partial(_query, engine, constrained=True), partial(_query, engine),
+                               "constrained and free")
     c_tok = _mean([r["decode_s"] / max(1, r["generated"]) for r in rows])
     f_tok = _mean([r["decode_s"] / max(1, r["generated"]) for r in free])
     return {"n": len(rows), "per_token_decode_overhead": c_tok / f_tok,
