@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -43,26 +45,42 @@ def test_cells_covered_counts_finished_runs_and_rows():
         cells_covered("others *3", 4, 4, "irle")
 
 
+def label_starts(answer):
+    """Character offsets where the answer's labels begin: the body's start and after each separator."""
+    body = answer.index(codec.OPEN_TAG) + len(codec.OPEN_TAG)
+    return [body] + [m.end() for m in re.finditer(r"\| |\n ", answer) if m.end() < answer.index(codec.CLOSE_TAG)]
+
+
+def predictor_positions(tokenizer, answer, fmt, scheme):
+    """Position of the token that predicts each label's first token, and of ``<seg>``."""
+    ids, pos = positions_of(tokenizer, answer, fmt, scheme)
+    starts = [a for a, _ in tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+    first = [starts.index(c) for c in label_starts(answer)]
+    seg = ids.index(tokenizer.convert_tokens_to_ids(codec.OPEN_TAG))
+    assert pos[:seg + 1] == list(range(100, 101 + seg))
+    return [pos[i - 1] for i in first], pos[seg]
+
+
+@pytest.mark.parametrize("label_tokens", tiny.LABEL_TOKENS)
 @pytest.mark.parametrize("seed", range(5))
-def test_grid_positions_put_every_run_where_full_length_puts_its_first_cell(tokenizer, seed):
+def test_grid_positions_put_every_run_at_its_first_cell(label_tokens, seed):
+    tokenizer = tiny.build_tokenizer(tiny.training_corpus(), label_tokens=label_tokens)
     grid = random_grid(seed)
     flat = grid.flatten()
     starts = [0] + [k for k in range(1, flat.size) if flat[k] != flat[k - 1] or k % 16 == 0]
 
-    full_ids, full_pos = positions_of(tokenizer, answer_for(grid, "full"), "full", scheme="natural")
-    seg = full_ids.index(tokenizer.convert_tokens_to_ids(codec.OPEN_TAG))
-    # full-length, natural positions: the token that predicts cell k sits at <seg> + k
-    where_full = {k: full_pos[seg + k] for k in starts}
-
-    ids, pos = positions_of(tokenizer, answer_for(grid, "rrle"), "rrle")
-    tokens = tokenizer.convert_ids_to_tokens(ids)
-    opened = tokens.index(codec.OPEN_TAG)
-    label_at = [i for i, t in enumerate(tokens) if i > opened and t in (codec.OTHERS, LABEL)]
-    assert len(label_at) == len(starts)
-    # R-RLE, grid positions: the token that predicts each run's label sits exactly there too
-    assert [pos[i - 1] for i in label_at] == [where_full[k] for k in starts]
-    assert pos[:opened + 1] == list(range(100, 101 + opened))
-    assert pos[-1] == pos[-2] + 1  # after </seg> positions run on naturally
+    # R-RLE, grid positions: the token that predicts the label of the run starting at cell k sits at <seg> + k
+    rrle, seg = predictor_positions(tokenizer, answer_for(grid, "rrle"), "rrle", "grid")
+    assert rrle == [seg + k for k in starts]
+    # so does the token that predicts cell k in a full-length answer with grid positions
+    full, seg = predictor_positions(tokenizer, answer_for(grid, "full"), "full", "grid")
+    assert full == [seg + k for k in range(256)]
+    # with whole-label tokens, natural positions already put cell k there: one token per cell
+    natural, seg = predictor_positions(tokenizer, answer_for(grid, "full"), "full", "natural")
+    assert (natural == full) == (label_tokens == "whole")
+    for fmt in ("rrle", "full"):  # and the tokens decode to the codec's text, character for character
+        answer = answer_for(grid, fmt)
+        assert tokenizer.decode(tokenizer(answer, add_special_tokens=False)["input_ids"]) == answer
 
 
 def test_streamed_decoding_sees_the_positions_training_uses(tokenizer):

@@ -86,9 +86,11 @@ def test_eval_aggregates_like_the_reference(tmp_path, monkeypatch):
     assert report["ciou"] == {"coarse": 0.5, "refined": None}
     assert report["giou"] == {"coarse": pytest.approx(2 / 3), "refined": None}  # empty/empty counts 1
     assert report["grid_ciou"] == 0.5 and report["oracle_ciou"] == 1.0
+    assert report["grid_prec50"] == pytest.approx(2 / 3)  # the target found in two queries of three
     assert report["malformed_rate"] == pytest.approx(1 / 3) and report["mean_generated_tokens"] == 10
-    assert report["by_kind"] == {"absent": {"n": 1, "grid_ciou": 1.0, "grid_giou": 1.0, "coarse_ciou": 1.0},
-                                 "side": {"n": 2, "grid_ciou": 0.5, "grid_giou": 0.5, "coarse_ciou": 0.5}}
+    assert report["by_kind"] == {
+        "absent": {"n": 1, "grid_ciou": 1.0, "grid_giou": 1.0, "grid_prec50": 1.0, "coarse_ciou": 1.0},
+        "side": {"n": 2, "grid_ciou": 0.5, "grid_giou": 0.5, "grid_prec50": 0.5, "coarse_ciou": 0.5}}
     assert [q["kind"] for q in report["queries"]] == ["side", "absent", "side"]
 
 
@@ -115,7 +117,12 @@ def test_a_few_training_steps_reduce_the_loss(fmt):
 
 
 def test_a_curriculum_stage_starts_from_a_bundled_model_and_records_its_lineage():
-    tokenizer = tiny.build_tokenizer(tiny.training_corpus())
+    label_tokens = train._lineage("tiny-rrle")[-1].get("label_tokens", "whole")  # recorded since it exists
+    other = next(t for t in tiny.LABEL_TOKENS if t != label_tokens)
+    with pytest.raises(ValueError, match="--label-tokens it was trained with"):
+        wrong = tiny.build_model(tiny.build_tokenizer(tiny.training_corpus(), label_tokens=other), text_layers=6)
+        train._initialise(wrong, train.AuxHeads(256, 16), "tiny-rrle")
+    tokenizer = tiny.build_tokenizer(tiny.training_corpus(), label_tokens=label_tokens)
     model = tiny.build_model(tokenizer, text_layers=6, seed=1)
     message = train._initialise(model, train.AuxHeads(256, 16), "tiny-rrle")
     assert "saved model" in message

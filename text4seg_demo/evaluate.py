@@ -66,14 +66,15 @@ def evaluate(engine: Text4SegModel | None, data: str, refiner=None, constrained:
         "model": name, "n": n, "refiner": getattr(refiner, "name", "none"), "constrained": constrained,
         "ciou": {"coarse": coarse.ciou, "refined": refined.ciou},
         "giou": {"coarse": coarse.giou, "refined": refined.giou},
-        "grid_ciou": grid_meter.ciou, "oracle_ciou": oracle.ciou,
+        "grid_ciou": grid_meter.ciou, "grid_prec50": grid_meter.prec50, "oracle_ciou": oracle.ciou,
         "malformed_rate": malformed / n if n else None,
         "mean_generated_tokens": float(np.mean(tokens)) if n else None,
         "mean_latency_s": float(np.mean(latency)) if n else None,
         "queries": rows,
     }
     if by_kind:
-        report["by_kind"] = {kind: {"n": len(g.ious), "grid_ciou": g.ciou, "grid_giou": g.giou, "coarse_ciou": c.ciou}
+        report["by_kind"] = {kind: {"n": len(g.ious), "grid_ciou": g.ciou, "grid_giou": g.giou,
+                                    "grid_prec50": g.prec50, "coarse_ciou": c.ciou}
                              for kind, (g, c) in sorted(by_kind.items())}
     if repeat:
         report["refine_first_s"] = float(np.mean(first))

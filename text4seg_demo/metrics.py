@@ -35,3 +35,8 @@ class IoUMeter:
     @property
     def giou(self) -> float | None:
         return float(np.mean(self.ious)) if self.ious else None
+
+    @property
+    def prec50(self) -> float | None:
+        """Share of queries with IoU >= 0.5: how often the referred object was found at all."""
+        return float(np.mean(np.asarray(self.ious) >= 0.5)) if self.ious else None

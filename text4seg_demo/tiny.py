@@ -2,9 +2,11 @@
 
 Architecture: a CLIP-style vision tower at 224 px with 14 px patches (one vision token per
 cell of a 16 x 16 grid), a 2-layer MLP projector and a small Llama. The tokenizer is a
-byte-level BPE with the domain's fixed strings added as whole tokens: each expression, each
-``LABEL| `` of full-length descriptors, the counts `` *N`` and the separators. It still
-encodes any text, and decodes exactly.
+byte-level BPE with the domain's fixed strings added as whole tokens: ``others``, ``others| ``,
+the counts `` *N`` and the separators. Expressions stay words (``the``, `` red``, `` circle``),
+so that what the model learns about ``red`` in one expression serves every other; a
+``whole`` variant (each expression one token) is kept for the models trained that way. It
+still encodes any text, and decodes exactly.
 """
 
 from __future__ import annotations
@@ -19,14 +21,24 @@ IMAGE_SIZE, PATCH = 224, 14
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
-def domain_pieces(max_count: int = 64) -> list[str]:
-    """Strings that become single tokens: separators, counts, labels and ``LABEL| ``."""
-    labels = [OTHERS, *expressions()]
+LABEL_TOKENS = ("words", "whole")
+TOKENIZER_SUMMARY = {
+    "words": "expressions in words; `others`, `others| `, ` *N`, `| ` and `\\n ` as whole tokens",
+    "whole": "each expression, `LABEL| `, ` *N`, `| ` and `\\n ` as whole tokens",
+}
+
+
+def domain_pieces(label_tokens: str = "words", max_count: int = 64) -> list[str]:
+    """Strings that become single tokens: separators, counts, labels and ``LABEL| `` (with
+    ``label_tokens="words"`` the only label is ``others``: expressions are spelt in words)."""
+    if label_tokens not in LABEL_TOKENS:
+        raise ValueError(f"label_tokens must be one of {LABEL_TOKENS}, not {label_tokens!r}")
+    labels = [OTHERS, *(expressions() if label_tokens == "whole" else [])]
     counts = [f" *{n}" for n in range(1, max_count + 1)]
     return ["<seg>", "</seg>", RUN_SEP, ROW_SEP, *counts, *labels, *(f"{label}{RUN_SEP}" for label in labels)]
 
 
-def build_tokenizer(corpus: list[str], vocab_size: int = 600):
+def build_tokenizer(corpus: list[str], vocab_size: int = 600, label_tokens: str = "words"):
     """Train the byte-level BPE on ``corpus`` and add the domain pieces and ``<image>``."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -37,7 +49,7 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 600):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL.values()),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer)
-    tok.add_tokens([AddedToken(p, normalized=False) for p in domain_pieces()])
+    tok.add_tokens([AddedToken(p, normalized=False) for p in domain_pieces(label_tokens)])
     tok.add_special_tokens([AddedToken(prompts.IMAGE, normalized=False, special=True)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL, extra_special_tokens={"image_token": prompts.IMAGE})
 
@@ -155,7 +167,7 @@ def write_card(run: str | Path) -> Path:
         "",
         f"- architecture: transformers `LlavaForConditionalGeneration`, CLIP-style tower 192 x 4 layers at "
         f"224 px / 14 px patches, 2-layer MLP projector, Llama 256 x {t['text_layers']} layers; {params / 1e6:.2f}M parameters",
-        "- tokenizer: byte-level BPE with the domain's labels, `LABEL| `, ` *N`, `| ` and `\\n ` as whole tokens",
+        f"- tokenizer: byte-level BPE, {TOKENIZER_SUMMARY[t.get('label_tokens', 'whole')]}",
         f"- training: {t['steps']} steps of batch {t['batch']} (fresh synthetic samples, seed {t['seed']}), AdamW "
         f"{t['lr']}, {'bf16 autocast' if t['bf16'] else 'fp32'}, {t['minutes']} minutes wall time "
         f"({t.get('device', 'cpu').upper()}), with training-only patch and row heads "

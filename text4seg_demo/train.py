@@ -65,6 +65,7 @@ class TrainConfig:
     steps: int | None = None  # stop after this many steps (the cosine schedule spans them)
     workers: int = 0  # processes building batches (steps.py)
     freeze_tower: bool = False  # keep the vision tower as it starts (after a tower stage: see tower.py)
+    label_tokens: str = "words"  # expressions spelt in words, or "whole": one token each (tiny.py)
 
 
 class AuxHeads(nn.Module):
@@ -215,16 +216,26 @@ def _initialise(model, heads, init: str) -> str:
         if "tower" in start:  # a tower stage (tower.py): the rest starts afresh
             model.model.vision_tower.load_state_dict(start["tower"])
             return f"vision tower initialised from the tower stage {init} (step {start['step']})"
-        model.load_state_dict(start["model"])
+        _load_weights(model, start["model"], init)
         heads.load_state_dict(start["heads"])
         return f"initialised from the run {init} (step {start['step']}, {start['config']['fmt']})"
     if (source / "model.safetensors").exists():
         from transformers import LlavaForConditionalGeneration
 
         saved = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
-        model.load_state_dict(saved.state_dict())
+        _load_weights(model, saved.state_dict(), init)
         return f"initialised from the saved model {source} (training heads start afresh)"
     raise FileNotFoundError(f"--init {init}: no checkpoint.pt or model.safetensors in {source}")
+
+
+def _load_weights(model, weights: dict, init: str) -> None:
+    """Load a whole model's weights, saying so plainly when its tokenizer is another one."""
+    key = "model.language_model.embed_tokens.weight"
+    theirs, ours = weights[key].shape[0], model.state_dict()[key].shape[0]
+    if theirs != ours:
+        raise ValueError(f"--init {init} has a {theirs}-token vocabulary, this run's tokenizer {ours}: "
+                         f"give the --label-tokens it was trained with ({' or '.join(tiny.LABEL_TOKENS)})")
+    model.load_state_dict(weights)
 
 
 def _lineage(init: str | None) -> list[dict]:
@@ -245,12 +256,12 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
         steps = cfg.steps if cfg.steps is not None else state["config"].get("steps")  # kept unless given
-        cfg = TrainConfig(**{**state["config"], "minutes": cfg.minutes, "steps": steps, "out": cfg.out,
+        cfg = TrainConfig(**{**_saved_config(state), "minutes": cfg.minutes, "steps": steps, "out": cfg.out,
                              "workers": cfg.workers})
     else:
         state = None
     device = training_device()
-    tokenizer = tiny.build_tokenizer(tiny.training_corpus())
+    tokenizer = tiny.build_tokenizer(tiny.training_corpus(), label_tokens=cfg.label_tokens)
     processor = tiny.build_image_processor()
     model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed)
     heads = AuxHeads(model.config.text_config.hidden_size, cfg.grid)
@@ -320,11 +331,16 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     return export(out)
 
 
+def _saved_config(state: dict) -> dict:
+    """A checkpoint's config; runs saved before ``label_tokens`` existed used whole labels."""
+    return {"label_tokens": "whole", **state["config"]}
+
+
 def _load_run(run: str | Path):
     """A run's checkpoint, config, tokenizer and model with the trained weights."""
     state = torch.load(Path(run) / "checkpoint.pt", weights_only=False, map_location="cpu")
-    cfg = TrainConfig(**state["config"])
-    tokenizer = tiny.build_tokenizer(tiny.training_corpus())
+    cfg = TrainConfig(**_saved_config(state))
+    tokenizer = tiny.build_tokenizer(tiny.training_corpus(), label_tokens=cfg.label_tokens)
     model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed)
     model.load_state_dict(state["model"])
     return state, cfg, tokenizer, model
