@@ -117,7 +117,7 @@ def test_a_few_training_steps_reduce_the_loss(fmt):
 
 
 def test_a_curriculum_stage_starts_from_a_bundled_model_and_records_its_lineage():
-    label_tokens = train._lineage("tiny-rrle")[-1].get("label_tokens", "whole")  # recorded since it exists
+    label_tokens = train._lineage("tiny-rrle")[-1].get("label_tokens", "whole")  # cards older than the setting: whole
     other = next(t for t in tiny.LABEL_TOKENS if t != label_tokens)
     with pytest.raises(ValueError, match="--label-tokens it was trained with"):
         wrong = tiny.build_model(tiny.build_tokenizer(tiny.training_corpus(), label_tokens=other), text_layers=6)

@@ -25,24 +25,33 @@ import torch
 from PIL import Image
 
 from . import codec, prompts
+from .attention import SCHEMES as ATTENTION_SCHEMES
+from .attention import image_block_mask
 from .grammar import GrammarConstraint, ebnf, grammar_char_budget
 from .positions import AnswerPositions
 
 
 @dataclass
 class Settings:
-    """How a checkpoint speaks: its grid, its descriptor format, its prompt template, and how
-    its answer tokens are positioned (see :mod:`text4seg_demo.positions`)."""
+    """How a checkpoint speaks: its grid, its descriptor format, its prompt template, how its
+    answer tokens are positioned (:mod:`text4seg_demo.positions`) and what its image tokens
+    attend to (:mod:`text4seg_demo.attention`)."""
 
     grid: int = 16
     fmt: str = "rrle"
     prompt_style: str = "llava_v1"
     question_template: int = 0
     positions: str = "natural"
+    image_attention: str = "causal"
+
+    def __post_init__(self):
+        if self.image_attention not in ATTENTION_SCHEMES:
+            raise ValueError(f"image_attention must be one of {ATTENTION_SCHEMES}, not {self.image_attention!r}")
 
     def to_dict(self) -> dict:
         return {"grid": self.grid, "format": self.fmt, "prompt_style": self.prompt_style,
-                "question_template": self.question_template, "positions": self.positions}
+                "question_template": self.question_template, "positions": self.positions,
+                "image_attention": self.image_attention}
 
 
 @dataclass
@@ -210,7 +219,10 @@ class Text4SegModel:
             cache = DynamicCache(config=self.model.config)
             text = self._embed(before)
             prefix = torch.cat([text, features[None].to(text.dtype)], dim=1)
-            self.model(inputs_embeds=prefix, cache=cache, use_cache=True, logits_to_keep=1)
+            mask = None
+            if self.settings.image_attention == "bidirectional":
+                mask = image_block_mask(prefix.shape[1], [len(before)], features.shape[0], prefix.dtype, self.device)
+            self.model(inputs_embeds=prefix, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
             self._prefixes.put(key, copy.deepcopy(cache))
         out = self.model(inputs_embeds=self._embed(after), cache=cache, use_cache=True, logits_to_keep=1)
         _sync(self.device)

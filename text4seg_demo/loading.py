@@ -81,7 +81,8 @@ def infer_settings(name: str, directory: Path) -> Settings:
     if file.is_file():
         data = json.loads(file.read_text())
         return Settings(data.get("grid", 16), data.get("format", "rrle"), data.get("prompt_style", "llava_v1"),
-                        data.get("question_template", 0), data.get("positions", "natural"))
+                        data.get("question_template", 0), data.get("positions", "natural"),
+                        data.get("image_attention", "causal"))
     match = re.search(r"p(\d{2})(?!\d)", f"{name} {directory.name}")
     fmt = "full" if re.search(r"full", name) else "rrle"
     return Settings(int(match.group(1)) if match else 16, fmt, "llava_v1")

@@ -35,6 +35,7 @@ from torch import nn
 
 from . import codec, prompts, synth, tiny
 from .loading import native_bf16
+from .attention import image_block_mask
 from .masks import to_grid
 from .positions import AnswerPositions
 from .steps import batches, descend, training_device
@@ -65,7 +66,8 @@ class TrainConfig:
     steps: int | None = None  # stop after this many steps (the cosine schedule spans them)
     workers: int = 0  # processes building batches (steps.py)
     freeze_tower: bool = False  # keep the vision tower as it starts (after a tower stage: see tower.py)
-    label_tokens: str = "words"  # expressions spelt in words, or "whole": one token each (tiny.py)
+    label_tokens: str = "whole"  # each expression one token, or "words" (tiny.py)
+    image_attention: str = "causal"  # or "bidirectional": image tokens see the whole image (attention.py)
 
 
 class AuxHeads(nn.Module):
@@ -141,9 +143,17 @@ def collate(examples, pad_id):
     }
 
 
-def losses(model, heads, batch, grid):
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], pixel_values=batch["pixel_values"], output_hidden_states=True)
+def forward(model, batch, grid: int, image_attention: str = "causal"):
+    """The model on a collated batch, with every hidden state, under the run's attention scheme."""
+    mask = batch["attention_mask"]
+    if image_attention == "bidirectional":
+        mask = image_block_mask(mask.shape[1], batch["image_start"].tolist(), grid * grid, torch.float32, mask.device)
+    return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
+                 pixel_values=batch["pixel_values"], output_hidden_states=True)
+
+
+def losses(model, heads, batch, grid, image_attention: str = "causal"):
+    out = forward(model, batch, grid, image_attention)
     logits = out.logits[:, :-1].float()
     targets = batch["labels"][:, 1:]
     weights = batch["weights"][:, 1:] * (targets != -100)
@@ -183,7 +193,7 @@ def grid_ciou(model, tokenizer, processor, queries, cfg: TrainConfig) -> dict:
     from .backend import Settings, Text4SegModel
     from .evaluate import grid_scores
 
-    settings = Settings(cfg.grid, cfg.fmt, PROMPT_STYLE, positions=cfg.positions)
+    settings = Settings(cfg.grid, cfg.fmt, PROMPT_STYLE, positions=cfg.positions, image_attention=cfg.image_attention)
     scores = grid_scores(Text4SegModel(model, tokenizer, processor, settings, cache_images=0), queries)
     model.train()
     return scores
@@ -256,7 +266,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
         steps = cfg.steps if cfg.steps is not None else state["config"].get("steps")  # kept unless given
-        cfg = TrainConfig(**{**_saved_config(state), "minutes": cfg.minutes, "steps": steps, "out": cfg.out,
+        cfg = TrainConfig(**{**state["config"], "minutes": cfg.minutes, "steps": steps, "out": cfg.out,
                              "workers": cfg.workers})
     else:
         state = None
@@ -313,7 +323,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * cosine(step, cfg.warmup, est_total)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            lm, patch, row = losses(model, heads, batch, cfg.grid)
+            lm, patch, row = losses(model, heads, batch, cfg.grid, cfg.image_attention)
         loss = lm + cfg.patch_weight * patch + cfg.row_weight * row
         descend(opt, params, loss)
         step += 1
@@ -331,15 +341,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     return export(out)
 
 
-def _saved_config(state: dict) -> dict:
-    """A checkpoint's config; runs saved before ``label_tokens`` existed used whole labels."""
-    return {"label_tokens": "whole", **state["config"]}
-
-
 def _load_run(run: str | Path):
     """A run's checkpoint, config, tokenizer and model with the trained weights."""
     state = torch.load(Path(run) / "checkpoint.pt", weights_only=False, map_location="cpu")
-    cfg = TrainConfig(**_saved_config(state))
+    cfg = TrainConfig(**state["config"])
     tokenizer = tiny.build_tokenizer(tiny.training_corpus(), label_tokens=cfg.label_tokens)
     model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed)
     model.load_state_dict(state["model"])
@@ -360,9 +365,7 @@ def probe(run: str | Path, n: int = 32) -> dict:
     for image, expression, mask in held_out(n):
         batch = collate([encode_example(tokenizer, processor, image, expression, mask, cfg.fmt, cfg.grid, rng,
                                         cfg.positions)], tokenizer.pad_token_id)
-        states = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], pixel_values=batch["pixel_values"],
-                       output_hidden_states=True).hidden_states
+        states = forward(model, batch, cfg.grid, cfg.image_attention).hidden_states
         start = int(batch["image_start"][0])
         patch = heads.patch(states[len(states) // 2][0, start:start + cfg.grid ** 2]).squeeze(-1) > 0
         truth = batch["cells"][0].flatten()
@@ -383,7 +386,7 @@ def export(run: str | Path) -> Path:
     state, cfg, tokenizer, model = _load_run(run)
     curve = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     settings = {"grid": cfg.grid, "format": cfg.fmt, "prompt_style": PROMPT_STYLE, "question_template": 0,
-                "positions": cfg.positions,
+                "positions": cfg.positions, "image_attention": cfg.image_attention,
                 "training": {**asdict(cfg), "steps": state["step"], "minutes": round(state["elapsed"] / 60, 1),
                              "device": state.get("device", "cpu"),
                              "lineage": _lineage(cfg.init)},
