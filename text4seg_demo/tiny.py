@@ -20,11 +20,11 @@ IMAGE_SIZE, PATCH = 224, 14
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
-LABEL_TOKENS = ("words", "whole")
-TOKENIZER_SUMMARY = {
-    "words": "expressions in words; `others`, `others| `, ` *N`, `| ` and `\\n ` as whole tokens",
+TOKENIZER_SUMMARY = {  # the tokenizer variants (``label_tokens``), as a model card names them
     "whole": "each expression, `LABEL| `, ` *N`, `| ` and `\\n ` as whole tokens",
+    "words": "expressions in words; `others`, `others| `, ` *N`, `| ` and `\\n ` as whole tokens",
 }
+LABEL_TOKENS = tuple(TOKENIZER_SUMMARY)
 
 
 def domain_pieces(label_tokens: str = "whole", max_count: int = 64) -> list[str]:

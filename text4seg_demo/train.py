@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import codec, prompts, synth, tiny
-from .loading import native_bf16
 from .attention import image_block_mask
+from .loading import native_bf16
 from .masks import to_grid
 from .positions import AnswerPositions
 from .steps import batches, descend, training_device
