@@ -39,6 +39,18 @@ def test_generator_is_deterministic_and_covers_the_domain(tmp_path):
         assert mask.any() == (r["kind"] != "absent")
 
 
+def test_contrasting_pairs_share_the_image_and_differ_in_words_and_target():
+    for focus in ("size", "side"):
+        pair = synth.samples(synth.SceneMaker(3), focus, contrast=True)
+        assert pair[0][1] == synth.sample(synth.SceneMaker(3), focus)[1]  # pairing adds a query, changes none
+        (image_a, words_a, mask_a), (image_b, words_b, mask_b) = pair
+        shape = {w for w in words_a.split() if w in synth.SHAPES}
+        assert image_a is image_b and words_a != words_b and shape == {w for w in words_b.split() if w in synth.SHAPES}
+        assert mask_a.any() and mask_b.any() and not (mask_a & mask_b).any()
+    (_, absent, nothing), (_, present, shape) = synth.samples(synth.SceneMaker(3), "absent", contrast=True)
+    assert not nothing.any() and shape.any() and len(absent.split()) == len(present.split()) == 3  # the COLOUR SHAPE
+
+
 def test_iou_meter_matches_hand_computed_values():
     meter = IoUMeter()
     a = np.zeros((4, 4), bool)

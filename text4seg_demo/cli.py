@@ -180,7 +180,8 @@ def cmd_train_tiny(args) -> int:
                       eval_queries=args.eval_queries, **_given(batch=args.batch, lr=args.lr),
                       init=str(args.init) if args.init else None, positions=args.positions,
                       freeze_tower=args.freeze_tower, label_tokens=args.label_tokens,
-                      image_attention=args.image_attention, bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
+                      image_attention=args.image_attention, contrast=args.contrast,
+                      bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
     path = train(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"model written to {path}", file=sys.stderr)
     return 0
@@ -306,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="expressions in the tokenizer: words shared by every expression, or each one whole token")
     tt.add_argument("--image-attention", choices=("causal", "bidirectional"), default="causal",
                     help="bidirectional: the image tokens see the whole image, not only the patches before them")
+    tt.add_argument("--contrast", action="store_true",
+                    help="pair each query with another of its kind on the same image that has other targets "
+                         "(the small square with the large one): only the words tell them apart")
     tt.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                     help="auto: bf16 autocast where the CPU has bf16 instructions, else fp32")
     tt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

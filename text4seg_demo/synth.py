@@ -142,8 +142,8 @@ class SceneMaker:
             image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.4, 1.5))))
         return image, np.asarray(labels), shapes
 
-    def queries(self, shapes: list[Shape], visible: np.ndarray, focus: str) -> list[Query]:
-        """Every valid query for the scene, the ``focus`` kind first."""
+    def candidates(self, shapes: list[Shape], visible: np.ndarray) -> dict[str, list[Query]]:
+        """Every valid query for the scene, by kind."""
         # a shape can be a target only if enough of it shows (15% of its disc's area)
         ids = [i for i in range(len(shapes)) if (visible == i + 1).sum() > 0.15 * math.pi * (shapes[i].size / 2) ** 2]
         out: dict[str, list[Query]] = {k: [] for k in KINDS}
@@ -176,6 +176,11 @@ class SceneMaker:
             same = [i for i in range(len(shapes)) if shapes[i].colour == colour]
             if len(same) >= 2:
                 out["all_colour"].append(Query(f"all {colour} shapes", same, "all_colour"))
+        return out
+
+    def queries(self, shapes: list[Shape], visible: np.ndarray, focus: str) -> list[Query]:
+        """One query of each kind the scene has, the ``focus`` kind first."""
+        out = self.candidates(shapes, visible)
         chosen = []
         for kind in (focus, *[k for k in KINDS if k != focus]):
             if out[kind]:
@@ -211,10 +216,24 @@ def make_dataset(out: str | Path, n_images: int, seed: int, queries_per_image: i
 
 def sample(maker: SceneMaker, focus: str | None = None):
     """One (image, expression, mask) triple straight from the generator, for training."""
+    return samples(maker, focus)[0]
+
+
+def samples(maker: SceneMaker, focus: str | None = None, contrast: bool = False):
+    """(image, expression, mask) triples from one scene: its focus query and, with ``contrast``,
+    another query of the same kind with other targets where the scene has one (`the small
+    square` beside `the large square`; an absent `the purple star` beside a present `the red
+    circle`), so that only the words tell the two answers apart."""
     focus = focus or KINDS[int(maker.rng.integers(len(KINDS)))]
     image, visible, shapes = maker.scene(focus)
     query = maker.queries(shapes, visible, focus)[0]
-    return image, query.expression, np.isin(visible, [t + 1 for t in query.targets])
+    chosen = [query]
+    if contrast:
+        kind = "colour_shape" if query.kind == "absent" else query.kind
+        rivals = [q for q in maker.candidates(shapes, visible)[kind] if q.targets != query.targets]
+        if rivals:
+            chosen.append(rivals[int(maker.rng.integers(len(rivals)))])
+    return [(image, q.expression, np.isin(visible, [t + 1 for t in q.targets])) for q in chosen]
 
 
 def expressions() -> list[str]:

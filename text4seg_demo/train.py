@@ -68,6 +68,7 @@ class TrainConfig:
     freeze_tower: bool = False  # keep the vision tower as it starts (after a tower stage: see tower.py)
     label_tokens: str = "whole"  # each expression one token, or "words" (tiny.py)
     image_attention: str = "causal"  # or "bidirectional": image tokens see the whole image (attention.py)
+    contrast: bool = False  # queries in contrasting pairs on one image (synth.samples)
 
 
 class AuxHeads(nn.Module):
@@ -313,8 +314,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
 
     def make(numpy_rng, rng):
         maker = synth.SceneMaker(numpy_rng)
-        return collate([encode_example(tokenizer, processor, *synth.sample(maker), cfg.fmt, cfg.grid, rng,
-                                       cfg.positions) for _ in range(cfg.batch)], tokenizer.pad_token_id)
+        triples = []
+        while len(triples) < cfg.batch:
+            triples += synth.samples(maker, contrast=cfg.contrast)
+        return collate([encode_example(tokenizer, processor, *triple, cfg.fmt, cfg.grid, rng, cfg.positions)
+                        for triple in triples[:cfg.batch]], tokenizer.pad_token_id)
 
     for batch in batches(make, cfg.seed, step, cfg.steps, cfg.workers):
         if time.time() - t0 >= budget:
