@@ -175,7 +175,8 @@ def write_card(run: str | Path) -> Path:
         f"--steps {t['steps']} --lr {t['lr']} --positions {t.get('positions', 'natural')}"
         f"{' --init INIT_RUN' if t.get('init') else ''}{' --freeze-tower' if t.get('freeze_tower') else ''}"
         f"{' --label-tokens words' if t.get('label_tokens') == 'words' else ''}"
-        f"{' --image-attention bidirectional' if t.get('image_attention') == 'bidirectional' else ''}`",
+        f"{' --image-attention bidirectional' if t.get('image_attention') == 'bidirectional' else ''}"
+        f"{' --contrast' if t.get('contrast') else ''}`",
         *([f"- a curriculum: this stage started from the weights of `{t['init']}` as they were then; earlier "
            "stages, oldest first: "
            + "; ".join(_stage_summary(stage) for stage in t.get("lineage", []))
