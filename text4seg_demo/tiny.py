@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import prompts
-from .codec import OTHERS, RUN_SEP, ROW_SEP
+from .codec import OTHERS, ROW_SEP, RUN_SEP
 from .synth import expressions
 
 IMAGE_SIZE, PATCH = 224, 14
