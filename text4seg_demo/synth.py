@@ -178,13 +178,12 @@ class SceneMaker:
                 out["all_colour"].append(Query(f"all {colour} shapes", same, "all_colour"))
         return out
 
-    def queries(self, shapes: list[Shape], visible: np.ndarray, focus: str) -> list[Query]:
-        """One query of each kind the scene has, the ``focus`` kind first."""
-        out = self.candidates(shapes, visible)
+    def choose(self, candidates: dict[str, list[Query]], focus: str) -> list[Query]:
+        """One of the scene's ``candidates`` of each kind it has, the ``focus`` kind first."""
         chosen = []
         for kind in (focus, *[k for k in KINDS if k != focus]):
-            if out[kind]:
-                chosen.append(out[kind][int(self.rng.integers(len(out[kind])))])
+            if candidates[kind]:
+                chosen.append(candidates[kind][int(self.rng.integers(len(candidates[kind])))])
         return chosen
 
 
@@ -200,7 +199,7 @@ def make_dataset(out: str | Path, n_images: int, seed: int, queries_per_image: i
         image, visible, shapes = maker.scene(focus)
         image_rel = f"images/{n:06d}.png"
         image.save(out / image_rel)
-        queries = maker.queries(shapes, visible, focus)
+        queries = maker.choose(maker.candidates(shapes, visible), focus)
         queries = [queries[0]] + [queries[i] for i in maker.rng.permutation(len(queries) - 1)[: queries_per_image - 1] + 1]
         for k, q in enumerate(queries):
             mask = np.isin(visible, [t + 1 for t in q.targets])
@@ -226,11 +225,12 @@ def samples(maker: SceneMaker, focus: str | None = None, contrast: bool = False)
     circle`), so that only the words tell the two answers apart."""
     focus = focus or KINDS[int(maker.rng.integers(len(KINDS)))]
     image, visible, shapes = maker.scene(focus)
-    query = maker.queries(shapes, visible, focus)[0]
+    candidates = maker.candidates(shapes, visible)
+    query = maker.choose(candidates, focus)[0]
     chosen = [query]
     if contrast:
         kind = "colour_shape" if query.kind == "absent" else query.kind
-        rivals = [q for q in maker.candidates(shapes, visible)[kind] if q.targets != query.targets]
+        rivals = [q for q in candidates[kind] if q.targets != query.targets]
         if rivals:
             chosen.append(rivals[int(maker.rng.integers(len(rivals)))])
     return [(image, q.expression, np.isin(visible, [t + 1 for t in q.targets])) for q in chosen]
