@@ -30,7 +30,7 @@ def test_decoding_sees_the_attention_training_uses():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
     grid = np.zeros((16, 16), int)
     grid[5:8, 3:9] = 1
-    answer = " " + prompts.lead_in(LABEL) + "\n" + codec.wrap(codec.encode(grid, [codec.OTHERS, LABEL], "rrle"))
+    answer = prompts.answer(LABEL, codec.encode(grid, [codec.OTHERS, LABEL], "rrle"))
     ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
 
     def stepped(image_attention):

@@ -26,7 +26,7 @@ def random_grid(seed, size=16):
 
 
 def answer_for(grid, fmt):
-    return " " + prompts.lead_in(LABEL) + "\n" + codec.wrap(codec.encode(grid, [codec.OTHERS, LABEL], fmt))
+    return prompts.answer(LABEL, codec.encode(grid, [codec.OTHERS, LABEL], fmt))
 
 
 def positions_of(tokenizer, answer, fmt, scheme="grid", start=100):

@@ -159,9 +159,7 @@ class Text4SegModel:
         names = [codec.OTHERS, longest] if longest != codec.OTHERS else [codec.OTHERS, "x"]
         worst = (np.indices((grid, grid)).sum(0) % 2).astype(int)
         body = codec.encode(worst, names, fmt)
-        lead = max((prompts.lead_in(longest, i) for i in range(len(prompts.LEAD_INS))),
-                   key=lambda s: len(self.tokenizer(s)["input_ids"]))
-        count = len(self.tokenizer(" " + lead + "\n" + codec.wrap(body), add_special_tokens=False)["input_ids"])
+        count = max(self.count_tokens(prompts.answer(longest, body, i)) for i in range(len(prompts.LEAD_INS)))
         return count + 8
 
     # ------------------------------------------------------------------ image

@@ -15,7 +15,7 @@ from functools import partial
 import numpy as np
 from tqdm import tqdm
 
-from . import codec
+from . import codec, prompts
 from .backend import Text4SegModel
 from .dataset import read_manifest
 from .images import prepare
@@ -33,7 +33,7 @@ def _query(engine, image, expression, constrained=False) -> dict:
     return {"generated": result.tokens["generated"], "descriptor": result.tokens["descriptor"],
             "decode_s": result.timings["decode"], "total_s": result.timings["total"], "ttft_s": result.timings["ttft"],
             "malformed": bool(result.diagnostics), "grid": result.grid, "labels": result.labels,
-            "body": codec.extract_body(result.text)[0], "expression": expression, "image": image}
+            "text": result.text, "body": codec.extract_body(result.text)[0], "expression": expression, "image": image}
 
 
 def _side_by_side(items, first, second, desc: str) -> tuple[list[dict], list[dict]]:
@@ -76,8 +76,7 @@ def bench(data: str, rrle_model: str = "tiny-rrle", full_model: str = "tiny-full
         "total_speedup": f["mean_total_s"] / r["mean_total_s"],
         "rrle": r, "full": f,
         "ground_truth_llama": _reduction(truth, llama), "ground_truth_own": _reduction(truth, rrle.tokenizer),
-        "answers_llama": _reduction({"rrle": [row["body"] for row in rrle_rows],
-                                     "full": [row["body"] for row in full_rows]}, llama),
+        "answers_llama": _reduction({"rrle": _texts(rrle_rows), "full": _texts(full_rows)}, llama),
         "replayed_full": _replayed(rrle, rrle_rows[: min(20, len(rrle_rows))]),
         "constrained": _constrained(rrle, items[: min(20, len(items))]),
         "prefix_cache": _prefix_cache(rrle, items[: min(20, len(items))]),
@@ -85,22 +84,34 @@ def bench(data: str, rrle_model: str = "tiny-rrle", full_model: str = "tiny-full
     return out
 
 
-def _true_descriptors(queries, grid: int) -> dict[str, list[str]]:
-    """Each query's ground-truth mask written as R-RLE and as full-length descriptors."""
-    texts = {"rrle": [], "full": []}
+def _texts(rows) -> dict[str, list[str]]:
+    """A model's whole answers and the descriptors inside them."""
+    return {"answers": [row["text"] for row in rows], "descriptors": [row["body"] for row in rows]}
+
+
+def _true_descriptors(queries, grid: int) -> dict[str, dict[str, list[str]]]:
+    """Each query's ground-truth mask written as R-RLE and as full-length descriptors, alone and
+    as the whole answer a perfect model would generate (lead-in and ``<seg>`` tags included)."""
+    texts = {fmt: {"answers": [], "descriptors": []} for fmt in ("rrle", "full")}
     for q in queries:
         cells = to_grid(load_mask(q.mask).astype(np.uint8), grid).astype(int)
         for fmt, out in texts.items():
-            out.append(codec.encode(cells, [codec.OTHERS, q.expression], fmt))
+            body = codec.encode(cells, [codec.OTHERS, q.expression], fmt)
+            out["descriptors"].append(body)
+            out["answers"].append(prompts.answer(q.expression, body))
     return texts
 
 
-def _reduction(texts: dict[str, list[str]], tokenizer) -> dict:
-    """Mean token counts of R-RLE and full-length descriptor texts under one tokenizer."""
-    rrle = _mean([count_tokens(tokenizer, t) for t in texts["rrle"]])
-    full = _mean([count_tokens(tokenizer, t) for t in texts["full"]])
-    return {"mean_tokens_rrle": rrle, "mean_tokens_full": full, "token_reduction": 1 - rrle / full,
-            "decode_speedup_at_equal_token_cost": full / rrle}
+def _reduction(texts: dict[str, dict[str, list[str]]], tokenizer) -> dict:
+    """Mean token counts of R-RLE and full-length texts under one tokenizer: whole answers
+    (comparable with ``token_reduction``) and descriptors alone (the paper's measure)."""
+    out = {}
+    for part in ("answers", "descriptors"):
+        rrle = _mean([count_tokens(tokenizer, t) for t in texts["rrle"][part]])
+        full = _mean([count_tokens(tokenizer, t) for t in texts["full"][part]])
+        out[part] = {"mean_tokens_rrle": rrle, "mean_tokens_full": full, "token_reduction": 1 - rrle / full,
+                     "decode_speedup_at_equal_token_cost": full / rrle}
+    return out
 
 
 def _replayed(engine, rows) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+from . import codec
+
 IMAGE = "<image>"
 
 QUESTIONS = (
@@ -48,6 +50,12 @@ def semantic_question(classes: list[str]) -> str:
 
 def lead_in(expression: str, template: int = 0) -> str:
     return LEAD_INS[template].replace("[class_name]", expression)
+
+
+def answer(expression: str, body: str, template: int = 0) -> str:
+    """The whole answer after ``ASSISTANT:`` (a space, the lead-in, then ``<seg>BODY</seg>``):
+    what a model generates, token for token, apart from its end-of-sequence token."""
+    return " " + codec.wrap(body, lead_in(expression, template))
 
 
 def prompt(question_text: str, style: str = "llava_v1") -> str:

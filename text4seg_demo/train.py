@@ -87,7 +87,7 @@ def encode_example(tokenizer, processor, image, expression, mask, fmt, grid, rng
     cells = to_grid(mask, grid).astype(bool)
     body = codec.encode(cells.astype(int), [codec.OTHERS, expression], fmt)
     prompt = prompts.prompt(prompts.question(expression, None, rng), PROMPT_STYLE)
-    answer = " " + prompts.lead_in(expression) + "\n" + codec.wrap(body) + tokenizer.eos_token
+    answer = prompts.answer(expression, body) + tokenizer.eos_token
     before, after = prompt.split(prompts.IMAGE)
     image_id = tokenizer.convert_tokens_to_ids(prompts.IMAGE)
     n_image = grid * grid
