@@ -51,16 +51,6 @@ def test_contrasting_pairs_share_the_image_and_differ_in_words_and_target():
     assert not nothing.any() and shape.any() and len(absent.split()) == len(present.split()) == 3  # the COLOUR SHAPE
 
 
-def test_pairs_keep_the_share_of_absent_targets():
-    shares = []
-    for contrast in (False, True):
-        maker = synth.SceneMaker(0)
-        masks = [mask for _ in range(200) for _, _, mask in synth.samples(maker, contrast=contrast)]
-        shares.append(np.mean([not mask.any() for mask in masks]))
-    # (drawing the focus kind as without pairs, absent targets fall to about 1 in 14)
-    assert 0.1 < shares[0] < 0.2 and 0.1 < shares[1] < 0.2
-
-
 def test_iou_meter_matches_hand_computed_values():
     meter = IoUMeter()
     a = np.zeros((4, 4), bool)

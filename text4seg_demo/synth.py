@@ -24,9 +24,6 @@ COLOURS = {
 }
 SIDES = {"on the left": (0, -1), "on the right": (0, 1), "at the top": (1, -1), "at the bottom": (1, 1)}
 KINDS = ("colour_shape", "shape", "side", "size", "all_colour", "all_shape", "absent")
-# In contrasting pairs an absent query's partner is a present one, so absent scenes come twice
-# as often: absent queries then keep about the share of a batch they have without pairs.
-PAIRED_FOCI = (*KINDS, "absent")
 
 
 @dataclass
@@ -226,8 +223,7 @@ def samples(maker: SceneMaker, focus: str | None = None, contrast: bool = False)
     another query of the same kind with other targets where the scene has one (`the small
     square` beside `the large square`; an absent `the purple star` beside a present `the red
     circle`), so that only the words tell the two answers apart."""
-    foci = PAIRED_FOCI if contrast else KINDS
-    focus = focus or foci[int(maker.rng.integers(len(foci)))]
+    focus = focus or KINDS[int(maker.rng.integers(len(KINDS)))]
     image, visible, shapes = maker.scene(focus)
     candidates = maker.candidates(shapes, visible)
     query = maker.choose(candidates, focus)[0]
