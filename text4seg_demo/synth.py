@@ -231,9 +231,6 @@ def samples(maker: SceneMaker, focus: str | None = None, contrast: bool = False)
     if contrast:
         kind = "colour_shape" if query.kind == "absent" else query.kind
         rivals = [q for q in candidates[kind] if q.targets != query.targets]
-        if query.kind == "absent":  # a present shape sharing a word, so that the other word decides
-            words = set(query.expression.split()) - {"the"}
-            rivals = [q for q in rivals if words & set(q.expression.split())] or rivals
         if rivals:
             chosen.append(rivals[int(maker.rng.integers(len(rivals)))])
     return [(image, q.expression, np.isin(visible, [t + 1 for t in q.targets])) for q in chosen]
