@@ -159,8 +159,8 @@ class Text4SegModel:
         names = [codec.OTHERS, longest] if longest != codec.OTHERS else [codec.OTHERS, "x"]
         worst = (np.indices((grid, grid)).sum(0) % 2).astype(int)
         body = codec.encode(worst, names, fmt)
-        count = max(self.count_tokens(prompts.answer(longest, body, i)) for i in range(len(prompts.LEAD_INS)))
-        return count + 8
+        lead = max(range(len(prompts.LEAD_INS)), key=lambda i: self.count_tokens(prompts.lead_in(longest, i)))
+        return self.count_tokens(prompts.answer(longest, body, lead)) + 8
 
     # ------------------------------------------------------------------ image
 

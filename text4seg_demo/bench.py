@@ -33,7 +33,7 @@ def _query(engine, image, expression, constrained=False) -> dict:
     return {"generated": result.tokens["generated"], "descriptor": result.tokens["descriptor"],
             "decode_s": result.timings["decode"], "total_s": result.timings["total"], "ttft_s": result.timings["ttft"],
             "malformed": bool(result.diagnostics), "grid": result.grid, "labels": result.labels,
-            "text": result.text, "body": codec.extract_body(result.text)[0], "expression": expression, "image": image}
+            "text": result.text, "expression": expression, "image": image}
 
 
 def _side_by_side(items, first, second, desc: str) -> tuple[list[dict], list[dict]]:
@@ -68,7 +68,7 @@ def bench(data: str, rrle_model: str = "tiny-rrle", full_model: str = "tiny-full
         segment(engine, items[0][0], Request(expression=items[0][1]))
     rrle_rows, full_rows = _side_by_side(items, partial(_query, rrle), partial(_query, full), "R-RLE and full-length")
     r, f = _summary(rrle_rows), _summary(full_rows)
-    truth, llama = _true_descriptors(queries, rrle.settings.grid), load_tokenizer("llama")
+    truth, llama = _true_texts(queries, rrle.settings.grid), load_tokenizer("llama")
     out = {
         "n": len(items), "models": {"rrle": rrle_model, "full": full_model},
         "token_reduction": 1 - r["mean_generated_tokens"] / f["mean_generated_tokens"],
@@ -86,10 +86,11 @@ def bench(data: str, rrle_model: str = "tiny-rrle", full_model: str = "tiny-full
 
 def _texts(rows) -> dict[str, list[str]]:
     """A model's whole answers and the descriptors inside them."""
-    return {"answers": [row["text"] for row in rows], "descriptors": [row["body"] for row in rows]}
+    return {"answers": [row["text"] for row in rows],
+            "descriptors": [codec.extract_body(row["text"])[0] for row in rows]}
 
 
-def _true_descriptors(queries, grid: int) -> dict[str, dict[str, list[str]]]:
+def _true_texts(queries, grid: int) -> dict[str, dict[str, list[str]]]:
     """Each query's ground-truth mask written as R-RLE and as full-length descriptors, alone and
     as the whole answer a perfect model would generate (lead-in and ``<seg>`` tags included)."""
     texts = {fmt: {"answers": [], "descriptors": []} for fmt in ("rrle", "full")}
