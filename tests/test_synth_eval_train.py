@@ -10,7 +10,7 @@ from transformers import LlavaForConditionalGeneration
 
 from text4seg_demo import evaluate as evaluate_module
 from text4seg_demo import synth, tiny, tower, train
-from text4seg_demo.codec import Diagnostic
+from text4seg_demo.codec import ROW_SEP, RUN_SEP, Diagnostic
 from text4seg_demo.metrics import IoUMeter
 from text4seg_demo.pipeline import Result
 
@@ -132,11 +132,12 @@ def test_a_curriculum_stage_starts_from_a_bundled_model_and_records_its_lineage(
     label_tokens = train._lineage("tiny-rrle")[-1].get("label_tokens", "whole")  # cards older than the setting: whole
     other = next(t for t in tiny.LABEL_TOKENS if t != label_tokens)
     with pytest.raises(ValueError, match="--label-tokens it was trained with"):
-        wrong = tiny.build_model(tiny.build_tokenizer(tiny.training_corpus(), label_tokens=other), text_layers=6)
-        train._initialise(wrong, train.AuxHeads(256, 16), "tiny-rrle")
+        wrong_tokenizer = tiny.build_tokenizer(tiny.training_corpus(), label_tokens=other)
+        wrong = tiny.build_model(wrong_tokenizer, text_layers=6)
+        train._initialise(wrong, train.AuxHeads(256, 16), "tiny-rrle", wrong_tokenizer)
     tokenizer = tiny.build_tokenizer(tiny.training_corpus(), label_tokens=label_tokens)
     model = tiny.build_model(tokenizer, text_layers=6, seed=1)
-    message = train._initialise(model, train.AuxHeads(256, 16), "tiny-rrle")
+    message = train._initialise(model, train.AuxHeads(256, 16), "tiny-rrle", tokenizer)
     assert "saved model" in message
     bundled = LlavaForConditionalGeneration.from_pretrained("assets/tiny-rrle", dtype=torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), bundled.state_dict().values()))
@@ -145,12 +146,47 @@ def test_a_curriculum_stage_starts_from_a_bundled_model_and_records_its_lineage(
     for name, fmt in (("tiny-rrle", "rrle"), ("tiny-full", "full")):
         lineage = train._lineage(name)
         assert lineage[0].get("stage") == "tower" and lineage[-1]["fmt"] == fmt
-        for before, stage in zip(lineage, lineage[1:]):
-            assert stage["init"] == before["out"] and stage["freeze_tower"]
+        for before, stage in zip(lineage, lineage[1:]):  # each from the run before, or the bundled model it was
+            assert stage["init"] in (before["out"], name) and stage["freeze_tower"]
         towers.append(lineage[0])
     assert towers[0] == towers[1]
     with pytest.raises(FileNotFoundError, match="--init"):
-        train._initialise(model, train.AuxHeads(256, 16), "runs/no-such-run")
+        train._initialise(model, train.AuxHeads(256, 16), "runs/no-such-run", tokenizer)
+
+
+def test_a_stage_from_a_model_with_fewer_tokens_starts_each_new_token_as_its_pieces(tmp_path, monkeypatch):
+    """A saved model whose tokenizer lacks the run-closing counts (`` *N| ``) starts a stage
+    whose tokenizer has them: every old token keeps its row, a new one starts as the mean of
+    the rows it used to be spelt with, and no new token can outscore the old greedy choice."""
+    every = tiny.domain_pieces
+    monkeypatch.setattr(tiny, "domain_pieces", lambda label_tokens="whole": [
+        p for p in every(label_tokens) if not (p.startswith(" *") and p.endswith((RUN_SEP, ROW_SEP)))])
+    old_tokenizer = tiny.build_tokenizer(tiny.training_corpus())
+    tiny.save_pretrained(tiny.build_model(old_tokenizer, text_layers=2, seed=3), old_tokenizer, tmp_path / "old", {})
+    monkeypatch.undo()
+    tokenizer = tiny.build_tokenizer(tiny.training_corpus())
+    model = tiny.build_model(tokenizer, text_layers=2, seed=4).eval()
+    message = train._initialise(model, train.AuxHeads(256, 16), str(tmp_path / "old"), tokenizer)
+    assert "128 new tokens" in message
+    old = LlavaForConditionalGeneration.from_pretrained(tmp_path / "old", dtype=torch.float32).eval()
+
+    text = "<seg>others *16\n others *3| the red circle *5| others *8\n"
+    old_ids, new_ids = (t(text, add_special_tokens=False)["input_ids"] for t in (old_tokenizer, tokenizer))
+    assert len(new_ids) == len(old_ids) - 3  # three separators ride on their counts now
+    closing = tokenizer.convert_tokens_to_ids(" *3| ")
+    pieces = old_tokenizer(" *3| ", add_special_tokens=False)["input_ids"]
+    embed = model.get_input_embeddings().weight
+    assert torch.allclose(embed[closing], old.get_input_embeddings().weight[pieces].mean(0))
+
+    prefix = old_ids[:2]  # "<seg>others" under both tokenizers: next comes a count, alone or closing its run
+    assert tokenizer.convert_ids_to_tokens(new_ids[:2]) == old_tokenizer.convert_ids_to_tokens(prefix)
+    with torch.no_grad():
+        before = old(input_ids=torch.tensor([prefix])).logits[0, -1]
+        after = model(input_ids=torch.tensor([new_ids[:2]])).logits[0, -1]
+    carried = tokenizer.convert_tokens_to_ids(old_tokenizer.convert_ids_to_tokens(list(range(len(old_tokenizer)))))
+    assert torch.allclose(after[carried], before, atol=1e-4)
+    added = sorted(set(range(len(tokenizer))) - set(carried))
+    assert len(added) == 128 and after[added].max() <= before.max()
 
 
 def test_the_tower_probe_reads_what_the_features_hold():

@@ -2,10 +2,12 @@
 
 Architecture: a CLIP-style vision tower at 224 px with 14 px patches (one vision token per
 cell of a 16 x 16 grid), a 2-layer MLP projector and a small Llama. The tokenizer is a
-byte-level BPE with the domain's fixed strings added as whole tokens: each expression, each
-``LABEL| `` of full-length descriptors, the counts `` *N`` and the separators. It still
-encodes any text, and decodes exactly. Its ``words`` variant spells expressions in words
-(``the``, `` red``, `` circle``); measured, a model learns to ground them more slowly.
+byte-level BPE with the domain's fixed strings added as whole tokens: each expression, the
+counts `` *N`` and the separators. A separator joins the piece before it in both formats
+alike (``LABEL| `` in full-length descriptors, `` *N| `` and `` *N\\n `` closing an R-RLE run),
+so neither format pays a token per separator. It still encodes any text, and decodes exactly.
+Its ``words`` variant spells expressions in words (``the``, `` red``, `` circle``); measured, a
+model learns to ground them more slowly.
 """
 
 from __future__ import annotations
@@ -21,20 +23,22 @@ SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
 TOKENIZER_SUMMARY = {  # the tokenizer variants (``label_tokens``), as a model card names them
-    "whole": "each expression, `LABEL| `, ` *N`, `| ` and `\\n ` as whole tokens",
-    "words": "expressions in words; `others`, `others| `, ` *N`, `| ` and `\\n ` as whole tokens",
+    "whole": "each expression, `LABEL| `, ` *N`, ` *N| `, ` *N\\n `, `| ` and `\\n ` as whole tokens",
+    "words": "expressions in words; `others`, `others| `, ` *N`, ` *N| `, ` *N\\n `, `| ` and `\\n ` as whole tokens",
 }
 LABEL_TOKENS = tuple(TOKENIZER_SUMMARY)
 
 
 def domain_pieces(label_tokens: str = "whole", max_count: int = 64) -> list[str]:
-    """Strings that become single tokens: separators, counts, labels and ``LABEL| `` (with
-    ``label_tokens="words"`` the only such label is ``others``)."""
+    """Strings that become single tokens: separators, counts alone and closing their run
+    (`` *N| ``, `` *N\\n ``), labels and ``LABEL| `` (with ``label_tokens="words"`` the only such
+    label is ``others``)."""
     if label_tokens not in LABEL_TOKENS:
         raise ValueError(f"label_tokens must be one of {LABEL_TOKENS}, not {label_tokens!r}")
     labels = [OTHERS, *(expressions() if label_tokens == "whole" else [])]
     counts = [f" *{n}" for n in range(1, max_count + 1)]
-    return ["<seg>", "</seg>", RUN_SEP, ROW_SEP, *counts, *labels, *(f"{label}{RUN_SEP}" for label in labels)]
+    closing = [f"{count}{sep}" for count in counts for sep in (RUN_SEP, ROW_SEP)]
+    return ["<seg>", "</seg>", RUN_SEP, ROW_SEP, *counts, *closing, *labels, *(f"{label}{RUN_SEP}" for label in labels)]
 
 
 def build_tokenizer(corpus: list[str], vocab_size: int = 600, label_tokens: str = "whole"):
@@ -133,6 +137,8 @@ def _stage_summary(stage: dict) -> str:
     where = f" on {stage['device']}" if stage.get("device", "cpu") != "cpu" else ""
     if stage.get("stage") == "tower":
         return f"tower stage, {stage['steps']} steps of {stage['batch']} scenes in {stage['minutes']} min{where}"
+    if stage["steps"] == 0:
+        return f"{stage['fmt']}, the tokenizer extended, no steps"
     return (f"{stage['fmt']}, {stage['steps']} steps in {stage['minutes']} min{where} "
             f"(`--lr {stage['lr']} --positions {stage.get('positions', 'natural')}`)")
 
@@ -167,10 +173,12 @@ def write_card(run: str | Path) -> Path:
         f"- architecture: transformers `LlavaForConditionalGeneration`, CLIP-style tower 192 x 4 layers at "
         f"224 px / 14 px patches, 2-layer MLP projector, Llama 256 x {t['text_layers']} layers; {params / 1e6:.2f}M parameters",
         f"- tokenizer: byte-level BPE, {TOKENIZER_SUMMARY[t.get('label_tokens', 'whole')]}",
-        f"- training: {t['steps']} steps of batch {t['batch']} (fresh synthetic samples, seed {t['seed']}), AdamW "
-        f"{t['lr']}, {'bf16 autocast' if t['bf16'] else 'fp32'}, {t['minutes']} minutes wall time "
-        f"({t.get('device', 'cpu').upper()}), with training-only patch and row heads "
-        "(see `text4seg_demo/train.py`)",
+        (f"- training: {t['steps']} steps of batch {t['batch']} (fresh synthetic samples, seed {t['seed']}), AdamW "
+         f"{t['lr']}, {'bf16 autocast' if t['bf16'] else 'fp32'}, {t['minutes']} minutes wall time "
+         f"({t.get('device', 'cpu').upper()}), with training-only patch and row heads "
+         "(see `text4seg_demo/train.py`)" if t["steps"] else
+         "- training: none in this stage, which gave the weights before it a tokenizer with more tokens, each "
+         "new one starting as the mean of the pieces it replaces (greedy answers unchanged)"),
         f"- command: `text4seg train-tiny --out RUN --format {settings['format']} --grid {settings['grid']} "
         f"--steps {t['steps']} --lr {t['lr']} --positions {t.get('positions', 'natural')}"
         f"{' --init INIT_RUN' if t.get('init') else ''}{' --freeze-tower' if t.get('freeze_tower') else ''}"

@@ -219,7 +219,7 @@ def _init_source(init: str) -> Path:
     return Path(PRESETS[init].source) if init in PRESETS else Path(init)
 
 
-def _initialise(model, heads, init: str) -> str:
+def _initialise(model, heads, init: str, tokenizer) -> str:
     """Load the starting weights of a curriculum stage; say where they came from."""
     source = _init_source(init)
     if (source / "checkpoint.pt").exists():
@@ -233,20 +233,43 @@ def _initialise(model, heads, init: str) -> str:
     if (source / "model.safetensors").exists():
         from transformers import LlavaForConditionalGeneration
 
+        from .tokens import load_tokenizer
+
         saved = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
-        _load_weights(model, saved.state_dict(), init)
-        return f"initialised from the saved model {source} (training heads start afresh)"
+        added = _load_weights(model, saved.state_dict(), init, load_tokenizer(source), tokenizer)
+        return (f"initialised from the saved model {source} (training heads start afresh"
+                + (f"; {added} new tokens start as the mean of the pieces they replace)" if added else ")"))
     raise FileNotFoundError(f"--init {init}: no checkpoint.pt or model.safetensors in {source}")
 
 
-def _load_weights(model, weights: dict, init: str) -> None:
-    """Load a whole model's weights, saying so plainly when its tokenizer is another one."""
-    key = "model.language_model.embed_tokens.weight"
-    theirs, ours = weights[key].shape[0], model.state_dict()[key].shape[0]
-    if theirs != ours:
-        raise ValueError(f"--init {init} has a {theirs}-token vocabulary, this run's tokenizer {ours}: "
-                         f"give the --label-tokens it was trained with ({' or '.join(tiny.LABEL_TOKENS)})")
+EMBEDDINGS = ("model.language_model.embed_tokens.weight", "lm_head.weight")  # tied: one matrix
+
+
+def _load_weights(model, weights: dict, init: str, theirs=None, ours=None) -> int:
+    """Load a whole model's weights; return how many tokens ``ours`` adds to ``theirs``, the
+    tokenizer they were trained with. A token they lack starts as the mean of the rows of the
+    pieces ``theirs`` writes it with: it reads about as they did, and as its logit is their
+    mean it cannot outscore them, so greedy answers are unchanged until training moves it."""
+    old = weights[EMBEDDINGS[0]]
+    size = model.state_dict()[EMBEDDINGS[0]].shape[0]
+    added = 0
+    if old.shape[0] != size:
+        known = theirs.get_vocab() if theirs is not None else {}
+        vocab = ours.get_vocab() if ours is not None else {}
+        if not known or not set(known) <= set(vocab) or len(vocab) != size:
+            raise ValueError(f"--init {init} has a {old.shape[0]}-token vocabulary, this run's tokenizer {size}: "
+                             f"give the --label-tokens it was trained with ({' or '.join(tiny.LABEL_TOKENS)})")
+        rows = old.new_empty(size, old.shape[1])
+        for token, i in vocab.items():
+            if token in known:
+                rows[i] = old[known[token]]
+            else:
+                pieces = theirs(ours.convert_tokens_to_string([token]), add_special_tokens=False)["input_ids"]
+                rows[i] = old[pieces].mean(0)
+                added += 1
+        weights = {**weights, **dict.fromkeys(EMBEDDINGS, rows)}
     model.load_state_dict(weights)
+    return added
 
 
 def _lineage(init: str | None) -> list[dict]:
@@ -278,7 +301,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     heads = AuxHeads(model.config.text_config.hidden_size, cfg.grid)
     step, elapsed = 0, 0.0
     if state is None and cfg.init:
-        log(_initialise(model, heads, cfg.init))
+        log(_initialise(model, heads, cfg.init, tokenizer))
     model.to(device)
     heads.to(device)
     model.model.vision_tower.requires_grad_(not cfg.freeze_tower)
@@ -293,10 +316,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     if cfg.bf16 is None:
         cfg.bf16 = device.type == "cpu" and native_bf16()
     queries = held_out(cfg.eval_queries)
-    budget = cfg.minutes * 60 if cfg.minutes else (math.inf if cfg.steps else 3600.0)
-    est_total = cfg.steps or max(step + 1, int(budget / 2.0))  # without --steps: re-estimated as we go
+    budget = cfg.minutes * 60 if cfg.minutes else (math.inf if cfg.steps is not None else 3600.0)
+    est_total = cfg.steps if cfg.steps is not None else max(step + 1, int(budget / 2.0))  # without --steps: re-estimated as we go
     log(f"{cfg.fmt} stage on {device}, {'bf16 autocast' if cfg.bf16 else 'fp32'}: batch {cfg.batch}, "
-        + (f"up to step {cfg.steps}" if cfg.steps else f"{budget / 60:g} min"))
+        + (f"up to step {cfg.steps}" if cfg.steps is not None else f"{budget / 60:g} min"))
     last_eval, t0 = elapsed, time.time() - elapsed
     model.train()
 
@@ -332,7 +355,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         descend(opt, params, loss)
         step += 1
         spent = time.time() - t0
-        if not cfg.steps:
+        if cfg.steps is None:
             est_total = max(step + 1, int(step * budget / max(spent, 1e-6)))
         if step % 20 == 0:
             log(f"step {step} {spent / 60:.1f} min lm {lm.item():.4f} patch {patch.item():.4f} row {row.item():.4f}")
