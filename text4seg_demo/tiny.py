@@ -140,7 +140,8 @@ def _stage_summary(stage: dict) -> str:
     if stage["steps"] == 0:
         return f"{stage['fmt']}, the tokenizer extended, no steps"
     return (f"{stage['fmt']}, {stage['steps']} steps in {stage['minutes']} min{where} "
-            f"(`--lr {stage['lr']} --positions {stage.get('positions', 'natural')}`)")
+            f"(`--lr {stage['lr']} --positions {stage.get('positions', 'natural')}"
+            f"{' --freeze-tower' if stage.get('freeze_tower') else ''}`)")
 
 
 def write_card(run: str | Path) -> Path:
