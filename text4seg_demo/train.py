@@ -252,24 +252,20 @@ def _load_weights(model, weights: dict, init: str, theirs=None, ours=None) -> in
     mean it cannot outscore them, so greedy answers are unchanged until training moves it."""
     old = weights[EMBEDDINGS[0]]
     size = model.state_dict()[EMBEDDINGS[0]].shape[0]
-    added = 0
-    if old.shape[0] != size:
-        known = theirs.get_vocab() if theirs is not None else {}
-        vocab = ours.get_vocab() if ours is not None else {}
-        if not known or not set(known) <= set(vocab) or len(vocab) != size:
-            raise ValueError(f"--init {init} has a {old.shape[0]}-token vocabulary, this run's tokenizer {size}: "
-                             f"give the --label-tokens it was trained with ({' or '.join(tiny.LABEL_TOKENS)})")
-        rows = old.new_empty(size, old.shape[1])
-        for token, i in vocab.items():
-            if token in known:
-                rows[i] = old[known[token]]
-            else:
-                pieces = theirs(ours.convert_tokens_to_string([token]), add_special_tokens=False)["input_ids"]
-                rows[i] = old[pieces].mean(0)
-                added += 1
-        weights = {**weights, **dict.fromkeys(EMBEDDINGS, rows)}
-    model.load_state_dict(weights)
-    return added
+    if old.shape[0] == size:
+        model.load_state_dict(weights)
+        return 0
+    if theirs is None or not set(theirs.get_vocab()) <= set(ours.get_vocab()):
+        raise ValueError(f"--init {init} has a {old.shape[0]}-token vocabulary, this run's tokenizer {size}: "
+                         f"give the --label-tokens it was trained with ({' or '.join(tiny.LABEL_TOKENS)})")
+    known, rows = theirs.get_vocab(), old.new_empty(size, old.shape[1])
+    for token, i in ours.get_vocab().items():
+        if token in known:
+            rows[i] = old[known[token]]
+        else:
+            rows[i] = old[theirs(ours.convert_tokens_to_string([token]), add_special_tokens=False)["input_ids"]].mean(0)
+    model.load_state_dict({**weights, **dict.fromkeys(EMBEDDINGS, rows)})
+    return size - len(known)
 
 
 def _lineage(init: str | None) -> list[dict]:
@@ -317,7 +313,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         cfg.bf16 = device.type == "cpu" and native_bf16()
     queries = held_out(cfg.eval_queries)
     budget = cfg.minutes * 60 if cfg.minutes else (math.inf if cfg.steps is not None else 3600.0)
-    est_total = cfg.steps if cfg.steps is not None else max(step + 1, int(budget / 2.0))  # without --steps: re-estimated as we go
+    est_total = cfg.steps if cfg.steps is not None else max(step + 1, int(budget / 2.0))  # re-estimated as we go
     log(f"{cfg.fmt} stage on {device}, {'bf16 autocast' if cfg.bf16 else 'fp32'}: batch {cfg.batch}, "
         + (f"up to step {cfg.steps}" if cfg.steps is not None else f"{budget / 60:g} min"))
     last_eval, t0 = elapsed, time.time() - elapsed
