@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from text4seg_demo import codec
-from text4seg_demo.codec import OTHERS, decode, encode, parse_answer, wrap
+from text4seg_demo.codec import OTHERS, check_label, decode, encode, parse_answer, wrap
 
 HORSE = ["others", "white horse"]
 
@@ -167,6 +167,7 @@ def test_parser_survives_fuzzing(fmt):
         assert parsed.grid.shape == (h, h)
         assert parsed.grid.min() >= 0 and parsed.grid.max() < len(parsed.labels)
         assert parsed.labels[0] == OTHERS
+        assert all(check_label(label) for label in parsed.labels)  # every label can be written back
 
 
 def test_parser_is_total_on_odd_inputs():
@@ -209,6 +210,8 @@ def test_each_problem_is_reported_with_counts():
     assert codes("<seg>" + "others *4\n " * 5 + "\n</seg>")["too_many_rows"] == 2
     assert codes("<seg>others *4\n oth*ers\n others *x| others *4\n others *4\n</seg>")["malformed_runs"] == 2
     assert codes("<seg>others *4\n *4\n others *4\n others *4\n</seg>")["empty_labels"] == 1
+    assert codes("<seg>others *4\n <seg>others *4\n others *4\n others *4\n</seg>")["malformed_runs"] == 1
+    assert codes("<seg>others| others *2| others| others\n</seg>", h=2, fmt="full")["malformed_runs"] == 1
     assert codes("<seg>others *2| dog *2\n others *4\n others *4\n others *4\n</seg>",
                  allowed_labels=["cat"]) == {"unknown_labels": 2}
     assert codes("no descriptors here") == {"missing_open_tag": 1, "unclosed_tag": 1, "truncated": 1,

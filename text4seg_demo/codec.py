@@ -235,13 +235,25 @@ class _Reader:
         if not label:
             self.empty_labels += 1
             return []
+        if _reserved(label):
+            self.malformed.append(text)
+            return []
         return [label] * min(int(match["count"]), self.cap)
 
     def label(self, text: str) -> list[str]:
         if not text:
             self.empty_labels += 1
             return []
+        if _reserved(text):
+            self.malformed.append(text)
+            return []
         return [text]
+
+
+def _reserved(label: str) -> bool:
+    """Whether a label read from an answer holds a piece of the grammar (`<seg>`, ` *3`): it could
+    not be written back, so the cell is malformed rather than a label."""
+    return any(s in label for s in _FORBIDDEN)
 
 
 def _count_note(code: str, n: int, message: str) -> list[Diagnostic]:
