@@ -282,7 +282,8 @@ def parse_answer(
     allowed_labels: Sequence[str] | None = None,
     repair: str = "reference",
 ) -> ParsedAnswer:
-    """Turn any model answer into an ``height x width`` grid; never raises.
+    """Turn any model answer into an ``height x width`` grid; never raises. Every label it
+    returns passes :func:`check_label`, so the grid can always be encoded again.
 
     ``repair="reference"`` reproduces the reference evaluator: all cells are read in order,
     the list is padded with its last label or truncated to H*W. ``repair="rows"`` repairs
