@@ -1,6 +1,7 @@
 import hashlib
 import json
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from transformers import LlavaForConditionalGeneration
 from text4seg_demo import evaluate as evaluate_module
 from text4seg_demo import synth, tiny, tower, train
 from text4seg_demo.codec import ROW_SEP, RUN_SEP, Diagnostic
+from text4seg_demo.masks import to_grid
 from text4seg_demo.metrics import IoUMeter
 from text4seg_demo.pipeline import Result
 
@@ -49,6 +51,27 @@ def test_contrasting_pairs_share_the_image_and_differ_in_words_and_target():
         assert mask_a.any() and mask_b.any() and not (mask_a & mask_b).any()
     (_, absent, nothing), (_, present, shape) = synth.samples(synth.SceneMaker(3), "absent", contrast=True)
     assert not nothing.any() and shape.any() and len(absent.split()) == len(present.split()) == 3  # the COLOUR SHAPE
+
+
+def test_colour_rivals_make_the_colour_word_decide():
+    def decided(colour_rivals: bool) -> float:
+        share = []
+        for seed in range(60):
+            focus = ("colour_shape", "absent")[seed % 2]
+            shapes = synth.SceneMaker(seed).scene(focus, colour_rivals=colour_rivals)[2]
+            (_, query, mask), *partner = synth.samples(synth.SceneMaker(seed), focus, contrast=True,
+                                                       colour_rivals=colour_rivals)
+            assert mask.any() == (focus == "colour_shape")
+            *_, colour, kind = query.split()
+            # the scene shows the kind in another colour and shows the colour (the kind alone cannot
+            # answer), and the partner shares one word with the query, so that the other decides
+            share.append(any(s.kind == kind and s.colour != colour for s in shapes)
+                         and any(s.colour == colour for s in shapes)
+                         and bool(partner) and bool({colour, kind} & set(partner[0][1].split())))
+        return float(np.mean(share))
+
+    # the rest: overlaps and extra shapes left no such query in the scene
+    assert decided(colour_rivals=True) >= 0.9 and decided(colour_rivals=False) <= 0.1
 
 
 def test_iou_meter_matches_hand_computed_values():
@@ -187,6 +210,37 @@ def test_a_stage_from_a_model_with_fewer_tokens_starts_each_new_token_as_its_pie
     assert torch.allclose(after[carried], before, atol=1e-4)
     added = sorted(set(range(len(tokenizer))) - set(carried))
     assert len(added) == 128 and after[added].max() <= before.max()
+
+
+def test_colour_pairs_tell_a_colour_reader_from_a_shape_reader(monkeypatch):
+    cfg = train.TrainConfig(out="unused", label_tokens="words")  # answers only: no expression tokens
+    monkeypatch.setattr(train, "_engine", lambda *args: None)
+
+    def answering(pick):  # answers each pair's queries with the truth of the query pick(i) of the pair
+        def answers(engine, queries):
+            truths = [to_grid(mask.astype(np.uint8), 16).astype(bool) for *_, mask in queries]
+            return [SimpleNamespace(mask=lambda t=truths[pick(i)]: t) for i in range(len(queries))]
+        return answers
+
+    monkeypatch.setattr(evaluate_module, "grid_answers", answering(lambda i: i))
+    reader = train.colour_pairs(None, None, None, cfg, n=10)
+    monkeypatch.setattr(evaluate_module, "grid_answers", answering(lambda i: i - i % 2))  # one answer for both
+    shape_only = train.colour_pairs(None, None, None, cfg, n=10)
+    assert reader["colour_pairs"] == shape_only["colour_pairs"] == 10
+    assert reader["colour_pairs_alike"] == 0 and reader["colour_pairs_right"] == 1
+    assert shape_only["colour_pairs_alike"] == 1 and shape_only["colour_pairs_right"] == 0.5
+
+
+def test_expression_similarity_tells_what_whole_tokens_encode():
+    tokenizer = tiny.build_tokenizer(tiny.training_corpus())
+    rows = torch.nn.Embedding(len(tokenizer), len(synth.SHAPES))
+    with torch.no_grad():
+        for colour in synth.COLOURS:
+            for k, kind in enumerate(synth.SHAPES):  # a kind, and no colour
+                rows.weight[tokenizer.convert_tokens_to_ids(f"the {colour} {kind}")] = torch.eye(len(synth.SHAPES))[k]
+    model = SimpleNamespace(get_input_embeddings=lambda: rows)
+    assert train._expression_similarity(model, tokenizer) == {
+        "expression_cosine_other_colour": pytest.approx(1.0), "expression_cosine_other_kind": pytest.approx(0.0)}
 
 
 def test_the_tower_probe_reads_what_the_features_hold():

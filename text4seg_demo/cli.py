@@ -181,6 +181,7 @@ def cmd_train_tiny(args) -> int:
                       init=str(args.init) if args.init else None, positions=args.positions,
                       freeze_tower=args.freeze_tower, label_tokens=args.label_tokens,
                       image_attention=args.image_attention, contrast=args.contrast,
+                      colour_rivals=args.colour_rivals,
                       bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
     path = train(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"model written to {path}", file=sys.stderr)
@@ -310,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--contrast", action="store_true",
                     help="pair each query with another of its kind on the same image that has other targets "
                          "(the small square with the large one): only the words tell them apart")
+    tt.add_argument("--colour-rivals", action="store_true",
+                    help="colour-and-shape and absent scenes hold a kind in two colours, so that the colour "
+                         "word decides (the red circle beside a blue one)")
     tt.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                     help="auto: bf16 autocast where the CPU has bf16 instructions, else fp32")
     tt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

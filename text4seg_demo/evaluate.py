@@ -82,15 +82,20 @@ def evaluate(engine: Text4SegModel | None, data: str, refiner=None, constrained:
     return report
 
 
+def grid_answers(engine: Text4SegModel, queries) -> list:
+    """Greedy answers to (image, expression, mask) triples, parsed on the model's grid."""
+    grid, fmt = engine.settings.grid, engine.settings.fmt
+    return [parse_answer(engine.generate(image, engine.question(expression), [expression]).text, grid, fmt=fmt)
+            for image, expression, _ in queries]
+
+
 def grid_scores(engine: Text4SegModel, queries) -> dict:
     """Greedy answers to (image, expression, mask) triples, scored on the grid alone."""
-    meter, malformed = IoUMeter(), 0
-    grid, fmt = engine.settings.grid, engine.settings.fmt
-    for image, expression, mask in queries:
-        parsed = parse_answer(engine.generate(image, engine.question(expression), [expression]).text, grid, fmt=fmt)
+    meter, grid = IoUMeter(), engine.settings.grid
+    answers = grid_answers(engine, queries)
+    for parsed, (_, _, mask) in zip(answers, queries):
         meter.add(parsed.mask(), to_grid(np.asarray(mask, np.uint8), grid).astype(bool))
-        malformed += bool(parsed.diagnostics)
-    return {"grid_ciou": meter.ciou, "malformed_rate": malformed / len(queries)}
+    return {"grid_ciou": meter.ciou, "malformed_rate": sum(bool(a.diagnostics) for a in answers) / len(queries)}
 
 
 def _oracle(image, expression: str, truth_grid: np.ndarray, refiner, grid: int) -> Result:

@@ -103,7 +103,13 @@ class SceneMaker:
         return Shape(kind or str(self.rng.choice(SHAPES)), colour or str(self.rng.choice(list(COLOURS))),
                      0.0, 0.0, size or self._size(short), float(self.rng.uniform(0, 2 * math.pi)))
 
-    def scene(self, focus: str):
+    def scene(self, focus: str, colour_rivals: bool = False):
+        """An image, its label map (0 = background, i = ``shapes[i - 1]``) and its shapes.
+
+        With ``colour_rivals``, a colour-and-shape or absent scene holds two shapes of one kind in
+        different colours and a third of another kind sharing a colour with one of them, so that
+        `the red circle`, `the blue circle` and an absent `the blue square` each hinge on a word
+        that the shape kind alone does not give."""
         rng = self.rng
         short = int(rng.integers(128, 641))
         aspect = float(np.exp(rng.uniform(math.log(0.5), math.log(2.0))))
@@ -125,6 +131,11 @@ class SceneMaker:
                 self._place(shapes, self._new(short, kind if focus == "all_shape" else None,
                                               colour if focus == "all_colour" else None,
                                               size=rng.uniform(0.05, 0.28) * short), w, h)
+        elif focus in ("colour_shape", "absent") and colour_rivals:
+            twin, other = (str(k) for k in rng.choice(SHAPES, 2, replace=False))
+            first, second = (str(c) for c in rng.choice(list(COLOURS), 2, replace=False))
+            for k, c in ((twin, first), (twin, second), (other, first)):
+                self._place(shapes, self._new(short, k, c, size=rng.uniform(0.06, 0.3) * short), w, h)
         others = [k for k in SHAPES if focus not in ("side", "size") or k != kind]
         for _ in range(int(rng.integers(1, 7)) - len(shapes)):
             extra = self._new(short, str(rng.choice(others)), size=rng.uniform(0.05, 0.3 if shapes else 0.4) * short)
@@ -218,22 +229,37 @@ def sample(maker: SceneMaker, focus: str | None = None):
     return samples(maker, focus)[0]
 
 
-def samples(maker: SceneMaker, focus: str | None = None, contrast: bool = False):
+def samples(maker: SceneMaker, focus: str | None = None, contrast: bool = False, colour_rivals: bool = False):
     """(image, expression, mask) triples from one scene: its focus query and, with ``contrast``,
     another query of the same kind with other targets where the scene has one (`the small
     square` beside `the large square`; an absent `the purple star` beside a present `the red
-    circle`), so that only the words tell the two answers apart."""
+    circle`), so that only the words tell the two answers apart. With ``colour_rivals``,
+    colour-and-shape and absent queries come from :meth:`SceneMaker.scene`'s rival scenes, are
+    those that the shape kind alone cannot answer, and pair with a query sharing a word."""
     focus = focus or KINDS[int(maker.rng.integers(len(KINDS)))]
-    image, visible, shapes = maker.scene(focus)
+    image, visible, shapes = maker.scene(focus, colour_rivals)
     candidates = maker.candidates(shapes, visible)
+    if colour_rivals and focus in ("colour_shape", "absent"):
+        candidates[focus] = [q for q in candidates[focus] if _hinges_on_colour(q, shapes)] or candidates[focus]
     query = maker.choose(candidates, focus)[0]
     chosen = [query]
     if contrast:
         kind = "colour_shape" if query.kind == "absent" else query.kind
         rivals = [q for q in candidates[kind] if q.targets != query.targets]
+        if colour_rivals and kind == "colour_shape":
+            words = set(query.expression.split()) - {"the"}
+            rivals = [q for q in rivals if words & set(q.expression.split())] or rivals
         if rivals:
             chosen.append(rivals[int(maker.rng.integers(len(rivals)))])
     return [(image, q.expression, np.isin(visible, [t + 1 for t in q.targets])) for q in chosen]
+
+
+def _hinges_on_colour(query: Query, shapes: list[Shape]) -> bool:
+    """Whether `the <colour> <kind>` names a kind that the scene also has in another colour, and a
+    colour that it has: the kind alone then cannot tell the target, or tell that there is none."""
+    _, colour, kind = query.expression.split()
+    return (any(s.kind == kind and s.colour != colour for s in shapes)
+            and any(s.colour == colour for s in shapes))
 
 
 def expressions() -> list[str]:

@@ -37,6 +37,7 @@ from . import codec, prompts, synth, tiny
 from .attention import image_block_mask
 from .loading import native_bf16
 from .masks import to_grid
+from .metrics import iou
 from .positions import AnswerPositions
 from .steps import batches, descend, training_device
 from .tower import tower_probe
@@ -69,6 +70,7 @@ class TrainConfig:
     label_tokens: str = "whole"  # each expression one token, or "words" (tiny.py)
     image_attention: str = "causal"  # or "bidirectional": image tokens see the whole image (attention.py)
     contrast: bool = False  # queries in contrasting pairs on one image (synth.samples)
+    colour_rivals: bool = False  # colour-and-shape and absent queries that the shape kind alone cannot answer
 
 
 class AuxHeads(nn.Module):
@@ -188,14 +190,20 @@ def cosine(step, warmup, total):
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+def _engine(model, tokenizer, processor, cfg: TrainConfig):
+    """The model in training, wrapped for greedy answers as the app would give them."""
+    from .backend import Settings, Text4SegModel
+
+    settings = Settings(cfg.grid, cfg.fmt, PROMPT_STYLE, positions=cfg.positions, image_attention=cfg.image_attention)
+    return Text4SegModel(model, tokenizer, processor, settings, cache_images=0)
+
+
 @torch.no_grad()
 def grid_ciou(model, tokenizer, processor, queries, cfg: TrainConfig) -> dict:
     """Greedy answers for held-out queries, scored on the grid: cIoU and malformed rate."""
-    from .backend import Settings, Text4SegModel
     from .evaluate import grid_scores
 
-    settings = Settings(cfg.grid, cfg.fmt, PROMPT_STYLE, positions=cfg.positions, image_attention=cfg.image_attention)
-    scores = grid_scores(Text4SegModel(model, tokenizer, processor, settings, cache_images=0), queries)
+    scores = grid_scores(_engine(model, tokenizer, processor, cfg), queries)
     model.train()
     return scores
 
@@ -335,7 +343,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         maker = synth.SceneMaker(numpy_rng)
         triples = []
         while len(triples) < cfg.batch:
-            triples += synth.samples(maker, contrast=cfg.contrast)
+            triples += synth.samples(maker, contrast=cfg.contrast, colour_rivals=cfg.colour_rivals)
         return collate([encode_example(tokenizer, processor, *triple, cfg.fmt, cfg.grid, rng, cfg.positions)
                         for triple in triples[:cfg.batch]], tokenizer.pad_token_id)
 
@@ -400,7 +408,52 @@ def probe(run: str | Path, n: int = 32) -> dict:
                    (heads.row_index(last).argmax(-1) == rows[rows >= 0]).sum(), len(last)]
     return {"step": state["step"], "patch_head_ciou": counts[0] / max(counts[1], 1),
             "row_head_ciou": counts[2] / max(counts[3], 1), "row_index_accuracy": counts[4] / max(counts[5], 1),
-            **tower_probe(model, processor, cfg.grid)}
+            **colour_pairs(model, tokenizer, processor, cfg), **tower_probe(model, processor, cfg.grid)}
+
+
+@torch.no_grad()
+def colour_pairs(model, tokenizer, processor, cfg: TrainConfig, n: int = 30, seed: int = 5000) -> dict:
+    """Whether the model reads the colour word: greedy answers to `the red circle` and `the blue
+    circle` on scenes holding both (:meth:`synth.SceneMaker.scene` with ``colour_rivals``). A model
+    that reads only the shape kind answers both alike. Returns the share of pairs answered alike
+    (answers overlapping at IoU > 0.5) and the share of their queries answered right (IoU >= 0.5)."""
+    pairs = []
+    for k in range(n * 2):
+        maker = synth.SceneMaker(seed + k)
+        image, visible, shapes = maker.scene("colour_shape", colour_rivals=True)
+        by_kind: dict[str, list] = {}
+        for q in maker.candidates(shapes, visible)["colour_shape"]:
+            by_kind.setdefault(q.expression.split()[-1], []).append(q)
+        twins = next((qs[:2] for qs in by_kind.values() if len(qs) > 1), [])
+        pairs += [(image, q.expression, np.isin(visible, [t + 1 for t in q.targets])) for q in twins]
+        if len(pairs) == 2 * n:
+            break
+    from .evaluate import grid_answers
+
+    answers = [parsed.mask() for parsed in grid_answers(_engine(model, tokenizer, processor, cfg), pairs)]
+    truths = [to_grid(mask.astype(np.uint8), cfg.grid).astype(bool) for *_, mask in pairs]
+    alike = [iou(a, b) > 0.5 for a, b in zip(answers[::2], answers[1::2])]
+    return {"colour_pairs": len(alike), "colour_pairs_alike": float(np.mean(alike)),
+            "colour_pairs_right": float(np.mean([iou(a, t) >= 0.5 for a, t in zip(answers, truths)])),
+            **(_expression_similarity(model, tokenizer) if cfg.label_tokens == "whole" else {})}
+
+
+def _expression_similarity(model, tokenizer) -> dict:
+    """Mean cosine similarity of the embedding rows of whole-expression tokens (`the red circle`)
+    that differ only in colour, and of those that differ only in kind: what each token encodes."""
+    rows = model.get_input_embeddings().weight.detach().float()
+
+    def row(colour, kind):
+        return rows[tokenizer.convert_tokens_to_ids(f"the {colour} {kind}")]
+
+    def mean_cosine(pairs):
+        return float(np.mean([F.cosine_similarity(row(*a), row(*b), dim=0).item() for a, b in pairs]))
+
+    colours = list(synth.COLOURS)
+    return {"expression_cosine_other_colour": mean_cosine(
+                [((a, k), (b, k)) for k in synth.SHAPES for i, a in enumerate(colours) for b in colours[i + 1:]]),
+            "expression_cosine_other_kind": mean_cosine(
+                [((c, a), (c, b)) for c in colours for i, a in enumerate(synth.SHAPES) for b in synth.SHAPES[i + 1:]])}
 
 
 def export(run: str | Path) -> Path:
