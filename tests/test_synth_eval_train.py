@@ -213,7 +213,7 @@ def test_a_stage_from_a_model_with_fewer_tokens_starts_each_new_token_as_its_pie
 
 
 def test_colour_pairs_tell_a_colour_reader_from_a_shape_reader(monkeypatch):
-    cfg = train.TrainConfig(out="unused", label_tokens="words")  # answers only: no expression tokens
+    cfg = train.TrainConfig(out="unused")
     monkeypatch.setattr(train, "_engine", lambda *args: None)
 
     def answering(pick):  # answers each pair's queries with the truth of the query pick(i) of the pair

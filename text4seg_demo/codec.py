@@ -41,10 +41,15 @@ def check_label(label: str) -> str:
         raise ValueError(f"a label must be a non-empty string, got {label!r}")
     if label != label.strip():
         raise ValueError(f"label {label!r} has leading or trailing whitespace")
-    bad = [s for s in _FORBIDDEN if s in label]
-    if bad:
-        raise ValueError(f"label {label!r} contains {bad[0]!r}, which the descriptor grammar reserves")
+    bad = _reserved_piece(label)
+    if bad is not None:
+        raise ValueError(f"label {label!r} contains {bad!r}, which the descriptor grammar reserves")
     return label
+
+
+def _reserved_piece(label: str) -> str | None:
+    """The first piece of the grammar (`|`, ` *`, `<seg>`...) that ``label`` holds, if any."""
+    return next((s for s in _FORBIDDEN if s in label), None)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -235,8 +240,7 @@ class _Reader:
         if not label:
             self.empty_labels += 1
             return []
-        if _reserved(label):
-            self.malformed.append(text)
+        if not self._writable(label, text):
             return []
         return [label] * min(int(match["count"]), self.cap)
 
@@ -244,16 +248,15 @@ class _Reader:
         if not text:
             self.empty_labels += 1
             return []
-        if _reserved(text):
-            self.malformed.append(text)
-            return []
-        return [text]
+        return [text] if self._writable(text, text) else []
 
-
-def _reserved(label: str) -> bool:
-    """Whether a label read from an answer holds a piece of the grammar (`<seg>`, ` *3`): it could
-    not be written back, so the cell is malformed rather than a label."""
-    return any(s in label for s in _FORBIDDEN)
+    def _writable(self, label: str, text: str) -> bool:
+        """A label holding a piece of the grammar (a second `<seg>`, ` *3` in a full-length cell)
+        could not be written back: its ``text`` is a malformed run rather than a label."""
+        if _reserved_piece(label) is None:
+            return True
+        self.malformed.append(text)
+        return False
 
 
 def _count_note(code: str, n: int, message: str) -> list[Diagnostic]:

@@ -408,7 +408,9 @@ def probe(run: str | Path, n: int = 32) -> dict:
                    (heads.row_index(last).argmax(-1) == rows[rows >= 0]).sum(), len(last)]
     return {"step": state["step"], "patch_head_ciou": counts[0] / max(counts[1], 1),
             "row_head_ciou": counts[2] / max(counts[3], 1), "row_index_accuracy": counts[4] / max(counts[5], 1),
-            **colour_pairs(model, tokenizer, processor, cfg), **tower_probe(model, processor, cfg.grid)}
+            **colour_pairs(model, tokenizer, processor, cfg),
+            **(_expression_similarity(model, tokenizer) if cfg.label_tokens == "whole" else {}),
+            **tower_probe(model, processor, cfg.grid)}
 
 
 @torch.no_grad()
@@ -417,6 +419,8 @@ def colour_pairs(model, tokenizer, processor, cfg: TrainConfig, n: int = 30, see
     circle` on scenes holding both (:meth:`synth.SceneMaker.scene` with ``colour_rivals``). A model
     that reads only the shape kind answers both alike. Returns the share of pairs answered alike
     (answers overlapping at IoU > 0.5) and the share of their queries answered right (IoU >= 0.5)."""
+    from .evaluate import grid_answers
+
     pairs = []
     for k in range(n * 2):
         maker = synth.SceneMaker(seed + k)
@@ -428,14 +432,11 @@ def colour_pairs(model, tokenizer, processor, cfg: TrainConfig, n: int = 30, see
         pairs += [(image, q.expression, np.isin(visible, [t + 1 for t in q.targets])) for q in twins]
         if len(pairs) == 2 * n:
             break
-    from .evaluate import grid_answers
-
     answers = [parsed.mask() for parsed in grid_answers(_engine(model, tokenizer, processor, cfg), pairs)]
     truths = [to_grid(mask.astype(np.uint8), cfg.grid).astype(bool) for *_, mask in pairs]
     alike = [iou(a, b) > 0.5 for a, b in zip(answers[::2], answers[1::2])]
     return {"colour_pairs": len(alike), "colour_pairs_alike": float(np.mean(alike)),
-            "colour_pairs_right": float(np.mean([iou(a, t) >= 0.5 for a, t in zip(answers, truths)])),
-            **(_expression_similarity(model, tokenizer) if cfg.label_tokens == "whole" else {})}
+            "colour_pairs_right": float(np.mean([iou(a, t) >= 0.5 for a, t in zip(answers, truths)]))}
 
 
 def _expression_similarity(model, tokenizer) -> dict:
