@@ -59,6 +59,10 @@ class Query:
     targets: list[int]  # indices into the scene's shapes
     kind: str
 
+    def mask(self, visible: np.ndarray) -> np.ndarray:
+        """The target's pixels in a scene's label map (0 = background, i = ``shapes[i - 1]``)."""
+        return np.isin(visible, [t + 1 for t in self.targets])
+
 
 def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     """Solid, gradient or noisy, in low-saturation colours that no shape colour resembles."""
@@ -213,7 +217,7 @@ def make_dataset(out: str | Path, n_images: int, seed: int, queries_per_image: i
         queries = maker.choose(maker.candidates(shapes, visible), focus)
         queries = [queries[0]] + [queries[i] for i in maker.rng.permutation(len(queries) - 1)[: queries_per_image - 1] + 1]
         for k, q in enumerate(queries):
-            mask = np.isin(visible, [t + 1 for t in q.targets])
+            mask = q.mask(visible)
             mask_rel = f"masks/{n:06d}_{k}.png"
             Image.fromarray((mask * 255).astype(np.uint8)).save(out / mask_rel)
             lines.append({"image": image_rel, "expression": q.expression, "mask": mask_rel, "kind": q.kind})
@@ -251,7 +255,7 @@ def samples(maker: SceneMaker, focus: str | None = None, contrast: bool = False,
             rivals = [q for q in rivals if words & set(q.expression.split())] or rivals
         if rivals:
             chosen.append(rivals[int(maker.rng.integers(len(rivals)))])
-    return [(image, q.expression, np.isin(visible, [t + 1 for t in q.targets])) for q in chosen]
+    return [(image, q.expression, q.mask(visible)) for q in chosen]
 
 
 def _hinges_on_colour(query: Query, shapes: list[Shape]) -> bool:

@@ -429,7 +429,7 @@ def colour_pairs(model, tokenizer, processor, cfg: TrainConfig, n: int = 30, see
         for q in maker.candidates(shapes, visible)["colour_shape"]:
             by_kind.setdefault(q.expression.split()[-1], []).append(q)
         twins = next((qs[:2] for qs in by_kind.values() if len(qs) > 1), [])
-        pairs += [(image, q.expression, np.isin(visible, [t + 1 for t in q.targets])) for q in twins]
+        pairs += [(image, q.expression, q.mask(visible)) for q in twins]
         if len(pairs) == 2 * n:
             break
     answers = [parsed.mask() for parsed in grid_answers(_engine(model, tokenizer, processor, cfg), pairs)]
