@@ -53,6 +53,18 @@ def test_contrasting_pairs_share_the_image_and_differ_in_words_and_target():
     assert not nothing.any() and shape.any() and len(absent.split()) == len(present.split()) == 3  # the COLOUR SHAPE
 
 
+def test_a_focus_kind_fills_its_share_of_the_batches():
+    def side_share(**focus) -> float:
+        cfg = train.TrainConfig(out="unused", batch=16, **focus)
+        maker = synth.SceneMaker(7)
+        expressions = [words for _ in range(12) for _, words, _ in train.batch_triples(maker, cfg)]
+        assert len(expressions) == 12 * 16
+        return np.mean([words.split()[-1] in ("left", "right", "top", "bottom") for words in expressions])
+
+    uniform, half, every = side_share(), side_share(focus="side"), side_share(focus="side", focus_share=1.0)
+    assert every == 1.0 and uniform < 0.3 and half > uniform + 0.25
+
+
 def test_colour_rivals_make_the_colour_word_decide():
     def decided(colour_rivals: bool) -> float:
         share = []

@@ -181,7 +181,7 @@ def cmd_train_tiny(args) -> int:
                       init=str(args.init) if args.init else None, positions=args.positions,
                       freeze_tower=args.freeze_tower, label_tokens=args.label_tokens,
                       image_attention=args.image_attention, contrast=args.contrast,
-                      colour_rivals=args.colour_rivals,
+                      colour_rivals=args.colour_rivals, focus=args.focus, focus_share=args.focus_share,
                       bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
     path = train(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"model written to {path}", file=sys.stderr)
@@ -283,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--queries-per-image", type=int, default=2)
     syn.set_defaults(func=cmd_synth)
 
+    from .synth import KINDS
+
     tt = commands.add_parser("train-tiny", help="train a tiny Text4Seg model from scratch on the synthetic domain")
     tt.add_argument("--out", type=Path, required=True, help="run directory (checkpoint, log.jsonl, model/)")
     tt.add_argument("--stage", choices=("llava", "tower"), default="llava",
@@ -314,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--colour-rivals", action="store_true",
                     help="colour-and-shape and absent scenes hold a kind in two colours, so that the colour "
                          "word decides (the red circle beside a blue one)")
+    tt.add_argument("--focus", choices=KINDS,
+                    help="make this share of the scenes (--focus-share) for one query kind, e.g. side")
+    tt.add_argument("--focus-share", type=float, default=0.5, help="share of scenes made for --focus (default 0.5)")
     tt.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                     help="auto: bf16 autocast where the CPU has bf16 instructions, else fp32")
     tt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

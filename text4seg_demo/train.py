@@ -71,6 +71,8 @@ class TrainConfig:
     image_attention: str = "causal"  # or "bidirectional": image tokens see the whole image (attention.py)
     contrast: bool = False  # queries in contrasting pairs on one image (synth.samples)
     colour_rivals: bool = False  # colour-and-shape and absent queries that the shape kind alone cannot answer
+    focus: str | None = None  # a query kind (synth.KINDS) drawn more often than the others
+    focus_share: float = 0.5  # the share of scenes made for ``focus``; the rest draw a kind uniformly
 
 
 class AuxHeads(nn.Module):
@@ -127,6 +129,16 @@ def encode_example(tokenizer, processor, image, expression, mask, fmt, grid, rng
     return {"ids": ids, "positions": position_ids, "labels": labels, "weights": weights, "next_rows": next_rows,
             "image_start": len(tokenizer(before, add_special_tokens=False)["input_ids"]),
             "cells": cells, "pixels": pixels}
+
+
+def batch_triples(maker: synth.SceneMaker, cfg: TrainConfig) -> list:
+    """One batch of (image, expression, mask) triples: scenes of a kind drawn uniformly, or
+    ``cfg.focus`` for a ``cfg.focus_share`` of them, with their pairs under ``cfg.contrast``."""
+    triples = []
+    while len(triples) < cfg.batch:
+        focus = cfg.focus if cfg.focus and maker.rng.random() < cfg.focus_share else None
+        triples += synth.samples(maker, focus, contrast=cfg.contrast, colour_rivals=cfg.colour_rivals)
+    return triples[:cfg.batch]
 
 
 def collate(examples, pad_id):
@@ -340,12 +352,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         return metrics
 
     def make(numpy_rng, rng):
-        maker = synth.SceneMaker(numpy_rng)
-        triples = []
-        while len(triples) < cfg.batch:
-            triples += synth.samples(maker, contrast=cfg.contrast, colour_rivals=cfg.colour_rivals)
         return collate([encode_example(tokenizer, processor, *triple, cfg.fmt, cfg.grid, rng, cfg.positions)
-                        for triple in triples[:cfg.batch]], tokenizer.pad_token_id)
+                        for triple in batch_triples(synth.SceneMaker(numpy_rng), cfg)], tokenizer.pad_token_id)
 
     for batch in batches(make, cfg.seed, step, cfg.steps, cfg.workers):
         if time.time() - t0 >= budget:
