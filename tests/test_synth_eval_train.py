@@ -65,6 +65,20 @@ def test_a_focus_kind_fills_its_share_of_the_batches():
     assert every == 1.0 and uniform < 0.3 and half > uniform + 0.25
 
 
+def test_a_model_cards_command_line_gives_back_its_stage():
+    from dataclasses import asdict
+
+    from text4seg_demo.cli import build_parser
+
+    cfg = train.TrainConfig(out="RUN", lr=2.5e-4, positions="grid", freeze_tower=True, label_tokens="words",
+                            image_attention="bidirectional", contrast=True, colour_rivals=True, focus="side",
+                            focus_share=0.3)
+    args = build_parser().parse_args(["train-tiny", "--out", "RUN", *tiny.stage_flags(asdict(cfg)).split()])
+    assert (args.lr, args.positions, args.freeze_tower, args.label_tokens, args.image_attention, args.contrast,
+            args.colour_rivals, args.focus, args.focus_share) == (2.5e-4, "grid", True, "words", "bidirectional",
+                                                                  True, True, "side", 0.3)
+
+
 def test_colour_rivals_make_the_colour_word_decide():
     def decided(colour_rivals: bool) -> float:
         share = []

@@ -133,15 +133,28 @@ def _total_minutes(training: dict) -> float:
     return training["minutes"] + sum(stage["minutes"] for stage in training.get("lineage", []))
 
 
+def stage_flags(t: dict) -> str:
+    """The ``train-tiny`` options of a stage (its recorded ``TrainConfig``) that shape its weights."""
+    flags = [f"--lr {t['lr']}", f"--positions {t.get('positions', 'natural')}"]
+    if t.get("freeze_tower"):
+        flags.append("--freeze-tower")
+    if t.get("label_tokens", "whole") != "whole":
+        flags.append(f"--label-tokens {t['label_tokens']}")
+    if t.get("image_attention", "causal") != "causal":
+        flags.append(f"--image-attention {t['image_attention']}")
+    flags += [flag for flag, key in (("--contrast", "contrast"), ("--colour-rivals", "colour_rivals")) if t.get(key)]
+    if t.get("focus"):
+        flags.append(f"--focus {t['focus']} --focus-share {t['focus_share']}")
+    return " ".join(flags)
+
+
 def _stage_summary(stage: dict) -> str:
     where = f" on {stage['device']}" if stage.get("device", "cpu") != "cpu" else ""
     if stage.get("stage") == "tower":
         return f"tower stage, {stage['steps']} steps of {stage['batch']} scenes in {stage['minutes']} min{where}"
     if stage["steps"] == 0:
         return f"{stage['fmt']}, the tokenizer extended, no steps"
-    return (f"{stage['fmt']}, {stage['steps']} steps in {stage['minutes']} min{where} "
-            f"(`--lr {stage['lr']} --positions {stage.get('positions', 'natural')}"
-            f"{' --freeze-tower' if stage.get('freeze_tower') else ''}`)")
+    return f"{stage['fmt']}, {stage['steps']} steps in {stage['minutes']} min{where} (`{stage_flags(stage)}`)"
 
 
 def write_card(run: str | Path) -> Path:
@@ -181,11 +194,7 @@ def write_card(run: str | Path) -> Path:
          "- training: none in this stage, which gave the weights before it a tokenizer with more tokens, each "
          "new one starting as the mean of the pieces it replaces (greedy answers unchanged)"),
         f"- command: `text4seg train-tiny --out RUN --format {settings['format']} --grid {settings['grid']} "
-        f"--steps {t['steps']} --lr {t['lr']} --positions {t.get('positions', 'natural')}"
-        f"{' --init INIT_RUN' if t.get('init') else ''}{' --freeze-tower' if t.get('freeze_tower') else ''}"
-        f"{' --label-tokens words' if t.get('label_tokens') == 'words' else ''}"
-        f"{' --image-attention bidirectional' if t.get('image_attention') == 'bidirectional' else ''}"
-        f"{' --contrast' if t.get('contrast') else ''}`",
+        f"--steps {t['steps']}{' --init INIT_RUN' if t.get('init') else ''} {stage_flags(t)}`",
         *([f"- a curriculum: this stage started from the weights of `{t['init']}` as they were then; earlier "
            "stages, oldest first: "
            + "; ".join(_stage_summary(stage) for stage in t.get("lineage", []))
