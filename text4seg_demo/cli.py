@@ -25,6 +25,13 @@ def _grid(text: str) -> int:
     return value
 
 
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a share must be between 0 and 1, got {value}")
+    return value
+
+
 # --------------------------------------------------------------------------- descriptors
 
 
@@ -318,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "word decides (the red circle beside a blue one)")
     tt.add_argument("--focus", choices=KINDS,
                     help="make this share of the scenes (--focus-share) for one query kind, e.g. side")
-    tt.add_argument("--focus-share", type=float, default=0.5, help="share of scenes made for --focus (default 0.5)")
+    tt.add_argument("--focus-share", type=_share, default=0.5, help="share of scenes made for --focus (default 0.5)")
     tt.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                     help="auto: bf16 autocast where the CPU has bf16 instructions, else fp32")
     tt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
