@@ -59,7 +59,7 @@ def test_a_focus_kind_fills_its_share_of_the_batches():
         maker = synth.SceneMaker(7)
         expressions = [words for _ in range(12) for _, words, _ in train.batch_triples(maker, cfg)]
         assert len(expressions) == 12 * 16
-        return np.mean([words.split()[-1] in ("left", "right", "top", "bottom") for words in expressions])
+        return np.mean([any(words.endswith(side) for side in synth.SIDES) for words in expressions])
 
     uniform, half, every = side_share(), side_share(focus="side"), side_share(focus="side", focus_share=1.0)
     assert every == 1.0 and uniform < 0.3 and half > uniform + 0.25
