@@ -177,14 +177,19 @@ def test_a_few_training_steps_reduce_the_loss(fmt):
     assert totals[-1][0] < 0.8 * totals[0][0] and totals[-1][1] < totals[0][1]
 
 
-def test_a_curriculum_stage_starts_from_a_bundled_model_and_records_its_lineage():
-    label_tokens = train._lineage("tiny-rrle")[-1].get("label_tokens", "whole")  # cards older than the setting: whole
-    other = next(t for t in tiny.LABEL_TOKENS if t != label_tokens)
-    with pytest.raises(ValueError, match="--label-tokens it was trained with"):
-        wrong_tokenizer = tiny.build_tokenizer(tiny.training_corpus(), label_tokens=other)
-        wrong = tiny.build_model(wrong_tokenizer, text_layers=6)
-        train._initialise(wrong, train.AuxHeads(256, 16), "tiny-rrle", wrong_tokenizer)
+def test_a_curriculum_stage_starts_from_a_bundled_model_and_records_its_lineage(tmp_path):
+    label_tokens = train._lineage("tiny-rrle")[-1]["label_tokens"]
+    assert label_tokens == "words"  # the bundled models spell expressions in words
+    # whole-expression tokens are the words tokenizer and one token per expression: a stage may start from
+    # the bundled model with them; the other way round, tokens would be lost, and the stage is refused
+    whole = tiny.build_tokenizer(tiny.training_corpus(), label_tokens="whole")
+    extended = train._initialise(tiny.build_model(whole, text_layers=6), train.AuxHeads(256, 16), "tiny-rrle", whole)
+    assert "124 new tokens" in extended
+    tiny.save_pretrained(tiny.build_model(whole, text_layers=2), whole, tmp_path / "whole", {})
     tokenizer = tiny.build_tokenizer(tiny.training_corpus(), label_tokens=label_tokens)
+    with pytest.raises(ValueError, match="--label-tokens it was trained with"):
+        train._initialise(tiny.build_model(tokenizer, text_layers=2), train.AuxHeads(256, 16), str(tmp_path / "whole"),
+                          tokenizer)
     model = tiny.build_model(tokenizer, text_layers=6, seed=1)
     message = train._initialise(model, train.AuxHeads(256, 16), "tiny-rrle", tokenizer)
     assert "saved model" in message
@@ -195,8 +200,8 @@ def test_a_curriculum_stage_starts_from_a_bundled_model_and_records_its_lineage(
     for name, fmt in (("tiny-rrle", "rrle"), ("tiny-full", "full")):
         lineage = train._lineage(name)
         assert lineage[0].get("stage") == "tower" and lineage[1]["freeze_tower"] and lineage[-1]["fmt"] == fmt
-        for before, stage in zip(lineage, lineage[1:]):  # each from the run before, or the bundled model it was
-            assert stage["init"] in (before["out"], name)
+        for before, stage in zip(lineage, lineage[1:]):  # each from the run before (or its saved model), or the
+            assert stage["init"] in (before["out"], f"{before['out']}/model", name)  # bundled model it was
         towers.append(lineage[0])
     assert towers[0] == towers[1]
     with pytest.raises(FileNotFoundError, match="--init"):

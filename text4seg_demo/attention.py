@@ -5,9 +5,10 @@ patches below it or later in its row. Whether a star is *the star on the left* o
 star* depends on the other star, which half of the time comes later: at the image positions
 the answer to such an expression cannot be known. With ``bidirectional`` attention inside the
 image block (as Gemma 3 and PaliGemma do for their image tokens) every image token sees every
-other, and the text stays causal. It is a setting of the tiny models (``text4seg.json``); the
-released checkpoint and the bundled tiny models are causal (measured, an R-RLE stage learnt more
-slowly with it: README, *Tiny models*).
+other, and the text stays causal. It is a setting of the tiny models (``text4seg.json``): the
+bundled ones use it, the released checkpoint is causal. From a tower stage it learnt more slowly
+than causal attention; once a model reads its words, it is what taught the position words
+(README, *Reading the position word*).
 
 Both the trainer and the backend build the mask here, so the two cannot disagree.
 """

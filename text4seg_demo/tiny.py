@@ -172,7 +172,8 @@ def write_card(run: str | Path) -> Path:
     settings.setdefault("metrics", {})["fixed20_grid_ciou"] = round(fixed_grid_ciou(engine), 4)
     (model_dir / "text4seg.json").write_text(json.dumps(settings, indent=2) + "\n")
     params = sum(p.numel() for p in engine.model.parameters())
-    curve = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    evaluations = [r for r in records if "grid_ciou" in r]  # none from a stage run with --eval-queries 0
     t = settings["training"]
     name = f"tiny-{settings['format']}"
     lines = [
@@ -209,13 +210,11 @@ def write_card(run: str | Path) -> Path:
           if settings.get("image_attention") == "bidirectional" else []),
         f"- grid cIoU on the 20 fixed queries of `tiny.fixed_queries()`: {settings['metrics']['fixed20_grid_ciou']}",
         "- every training attempt and its numbers: the project README, section *Tiny models*",
-        "",
-        "Held-out grid cIoU during training (greedy answers to generated queries):",
-        "",
-        "| step | minutes | grid cIoU | malformed |",
-        "|---|---|---|---|",
-        *[f"| {c['step']} | {c['minutes']} | {c['grid_ciou']:.3f} | {c['malformed_rate']:.3f} |"
-          for c in curve if "grid_ciou" in c],
     ]
+    if evaluations:
+        lines += ["", "Held-out grid cIoU during training (greedy answers to generated queries):", "",
+                  "| step | minutes | grid cIoU | malformed |", "|---|---|---|---|",
+                  *[f"| {c['step']} | {c['minutes']} | {c['grid_ciou']:.3f} | {c['malformed_rate']:.3f} |"
+                    for c in evaluations]]
     (model_dir / "README.md").write_text("\n".join(lines) + "\n")
     return model_dir
