@@ -172,7 +172,7 @@ def write_card(run: str | Path) -> Path:
     settings.setdefault("metrics", {})["fixed20_grid_ciou"] = round(fixed_grid_ciou(engine), 4)
     (model_dir / "text4seg.json").write_text(json.dumps(settings, indent=2) + "\n")
     params = sum(p.numel() for p in engine.model.parameters())
-    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    records = map(json.loads, filter(str.strip, (run / "log.jsonl").read_text().splitlines()))
     evaluations = [r for r in records if "grid_ciou" in r]  # none from a stage run with --eval-queries 0
     t = settings["training"]
     name = f"tiny-{settings['format']}"
