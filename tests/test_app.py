@@ -13,7 +13,7 @@ from PIL import Image
 from text4seg_demo import ui
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "synthetic" / "01_colour_shape.png"
+EXAMPLE = ROOT / "examples" / "synthetic" / "images" / "000007.png"  # its query: the blue square
 
 
 def free_port():

@@ -25,6 +25,17 @@ def _grid(text: str) -> int:
     return value
 
 
+def _kinds(text: str) -> str | None:
+    from .synth import KINDS
+
+    if text == "none":
+        return None
+    unknown = [k for k in text.split(",") if k not in KINDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown query kind {unknown[0]!r}: choose from {', '.join(KINDS)}")
+    return text
+
+
 def _share(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -142,11 +153,11 @@ def cmd_convert_llava(args) -> int:
 def cmd_synth(args) -> int:
     from tqdm import tqdm
 
-    from .synth import make_dataset
+    from .synth import SPLITS, make_dataset
 
-    with tqdm(total=args.n_images, desc="synth", unit="image") as bar:
+    with tqdm(total=args.n_images, desc=f"synth ({args.split})", unit="image") as bar:
         manifest = make_dataset(args.out, args.n_images, args.seed, args.queries_per_image,
-                                progress=lambda n: bar.update(1))
+                                progress=lambda n: bar.update(1), domain=SPLITS[args.split])
     print(f"{sum(1 for _ in open(manifest))} queries written to {manifest}", file=sys.stderr)
     return 0
 
@@ -288,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--n-images", type=int, default=500)
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--queries-per-image", type=int, default=2)
+    syn.add_argument("--split", choices=("domain", "shifted"), default="domain",
+                     help="domain: the stated domain the models train on; shifted: other ranges inside it "
+                          "(bold textures, small shapes, crowded scenes), never trained on")
     syn.set_defaults(func=cmd_synth)
 
     from .synth import KINDS
@@ -311,21 +325,22 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--eval-queries", type=int, default=48,
                     help="held-out queries of each evaluation of a llava stage (0: none)")
     tt.add_argument("--threads", type=int, default=2)
-    tt.add_argument("--positions", choices=("natural", "grid"), default="natural",
+    tt.add_argument("--positions", choices=("natural", "grid"), default="grid",
                     help="answer position ids: natural, or grid (each descriptor token placed at its image cell)")
-    tt.add_argument("--label-tokens", choices=("whole", "words"), default="whole",
+    tt.add_argument("--label-tokens", choices=("whole", "words"), default="words",
                     help="expressions in the tokenizer: words shared by every expression, or each one whole token")
-    tt.add_argument("--image-attention", choices=("causal", "bidirectional"), default="causal",
+    tt.add_argument("--image-attention", choices=("causal", "bidirectional"), default="bidirectional",
                     help="bidirectional: the image tokens see the whole image, not only the patches before them")
-    tt.add_argument("--contrast", action="store_true",
+    tt.add_argument("--contrast", action=argparse.BooleanOptionalAction, default=True,
                     help="pair each query with another of its kind on the same image that has other targets "
                          "(the small square with the large one): only the words tell them apart")
-    tt.add_argument("--colour-rivals", action="store_true",
+    tt.add_argument("--colour-rivals", action=argparse.BooleanOptionalAction, default=True,
                     help="colour-and-shape and absent scenes hold a kind in two colours, so that the colour "
                          "word decides (the red circle beside a blue one)")
-    tt.add_argument("--focus", choices=KINDS,
-                    help="make this share of the scenes (--focus-share) for one query kind, e.g. side")
-    tt.add_argument("--focus-share", type=_share, default=0.5, help="share of scenes made for --focus (default 0.5)")
+    tt.add_argument("--focus", type=_kinds, default="side,size",
+                    help=f"make a share of the scenes (--focus-share) for these query kinds, comma-separated "
+                         f"(of {', '.join(KINDS)}; default side,size; 'none' for no focus)")
+    tt.add_argument("--focus-share", type=_share, default=0.4, help="share of scenes made for --focus (default 0.4)")
     tt.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                     help="auto: bf16 autocast where the CPU has bf16 instructions, else fp32")
     tt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

@@ -8,11 +8,13 @@ The bundled tiny models are trained on this domain and evaluated on held-out see
 from __future__ import annotations
 
 import colorsys
+import io
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -64,32 +66,115 @@ class Query:
         return np.isin(visible, [t + 1 for t in self.targets])
 
 
-def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
-    """Solid, gradient or noisy, in low-saturation colours that no shape colour resembles."""
+@dataclass(frozen=True)
+class Domain:
+    """The parameter ranges scenes are drawn from. :data:`DOMAIN` is the stated domain the
+    models are trained on; :data:`SHIFTED` draws other ranges inside it, to check that a model
+    learned the task rather than the generator's habits."""
 
-    def dull():
-        r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0, 0.18), rng.uniform(0.35, 0.95))
-        return np.array([r, g, b]) * 255
+    backgrounds: tuple[str, ...]  # families in BACKGROUNDS, drawn uniformly
+    saturation: tuple[float, float]  # of the background colours (HSV)
+    value: tuple[float, float]
+    texture_period: tuple[float, float]  # stripes, checks and blotches, in pixels
+    size_skew: float  # shape sizes are lo + (hi - lo) * u ** skew: 1 uniform, > 1 skewed small
+    shapes: tuple[int, int]  # shapes per scene, inclusive
+    noise: float  # chance of pixel noise over any background
+    blur: float  # chance of a Gaussian blur
+    jpeg: float  # chance of a JPEG round trip
 
-    style = rng.choice(["solid", "gradient", "noisy"])
-    base = np.broadcast_to(dull(), (h, w, 3)).astype(np.float32)
+
+BACKGROUNDS = ("solid", "gradient", "noisy", "stripes", "checks", "blotches")
+DOMAIN = Domain(backgrounds=BACKGROUNDS, saturation=(0.0, 1.0), value=(0.15, 1.0), texture_period=(12, 80),
+                size_skew=1.0, shapes=(1, 6), noise=0.2, blur=0.25, jpeg=0.4)
+SHIFTED = Domain(backgrounds=("stripes", "checks", "blotches", "gradient"), saturation=(0.55, 1.0),
+                 value=(0.5, 1.0), texture_period=(80, 160), size_skew=2.0, shapes=(3, 8), noise=0.4,
+                 blur=0.4, jpeg=0.8)
+SPLITS = {"domain": DOMAIN, "shifted": SHIFTED}
+
+# Every background colour keeps CIE76 distance MIN_DELTA_E (CIELAB, D65) from each shape
+# colour: more than the two closest shape colours, blue and purple, are apart (30), so a
+# shape's colour is never in doubt against its background.
+MIN_DELTA_E = 35.0
+
+
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    """CIELAB of sRGB colours (..., 3) in 0..255."""
+    return cv2.cvtColor(np.asarray(rgb, np.float32).reshape(-1, 1, 3) / 255, cv2.COLOR_RGB2LAB).reshape(-1, 3)
+
+
+SHAPE_LAB = _lab(np.array(list(COLOURS.values())))
+
+
+def clear_of_shapes(rgb: np.ndarray) -> bool:
+    """Whether every colour in ``rgb`` (..., 3) keeps :data:`MIN_DELTA_E` from every shape colour."""
+    lab = _lab(rgb)
+    return bool(np.linalg.norm(lab[:, None] - SHAPE_LAB[None], axis=-1).min() >= MIN_DELTA_E)
+
+
+def _colour_pair(rng: np.random.Generator, domain: Domain) -> tuple[np.ndarray, np.ndarray]:
+    """Two background colours such that every mix of them is clear of the shape colours."""
+
+    def one():
+        while True:
+            rgb = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(*domain.saturation),
+                                               rng.uniform(*domain.value))) * 255
+            if clear_of_shapes(rgb):
+                return rgb
+
+    first = one()
+    while True:
+        second = one()
+        mixes = first[None] + np.linspace(0, 1, 9)[:, None] * (second - first)[None]
+        if clear_of_shapes(mixes):
+            return first, second
+
+
+def _background(rng: np.random.Generator, w: int, h: int, domain: Domain = DOMAIN) -> np.ndarray:
+    """A background of one of ``domain.backgrounds``: solid, a linear gradient at any angle,
+    noise, stripes or checks at any angle, or smooth blotches; all colours clear of the shapes'."""
+    style = str(rng.choice(domain.backgrounds))
+    first, second = _colour_pair(rng, domain)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    angle = rng.uniform(0, np.pi)
+    u = x * np.cos(angle) + y * np.sin(angle)
+    v = -x * np.sin(angle) + y * np.cos(angle)
+    period = rng.uniform(*domain.texture_period)
     if style == "gradient":
-        t = np.linspace(0, 1, w if rng.random() < 0.5 else h, dtype=np.float32)
-        t = t[None, :, None] if t.size == w else t[:, None, None]
-        base = base * (1 - t) + dull().astype(np.float32) * t
-    elif style == "noisy":
-        base = base + rng.normal(0, rng.uniform(6, 20), (h, w, 1)).astype(np.float32)
+        t = (u - u.min()) / max(float(u.max() - u.min()), 1.0)
+    elif style == "stripes":
+        t = ((u / period + rng.random()) % 1.0 < rng.uniform(0.3, 0.7)).astype(np.float32)
+    elif style == "checks":
+        t = ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
+    elif style == "blotches":
+        coarse = rng.normal(0, 1, (max(2, int(h / period)), max(2, int(w / period)))).astype(np.float32)
+        field = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
+        t = 1 / (1 + np.exp(-3 * field))
+    else:  # solid, noisy
+        t = np.zeros((h, w), np.float32)
+    base = first[None, None].astype(np.float32) + t[..., None] * (second - first)[None, None].astype(np.float32)
+    if style == "noisy" or rng.random() < domain.noise:
+        base = base + rng.normal(0, rng.uniform(4, 16), (h, w, 1)).astype(np.float32)
     return np.clip(base, 0, 255).astype(np.uint8)
+
+
+def _jpeg(image: Image.Image, quality: int) -> Image.Image:
+    """``image`` after a JPEG round trip at ``quality``: the artefacts of a shared photo."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
 
 
 class SceneMaker:
     """Draws scenes and their queries from one random stream."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, domain: Domain = DOMAIN):
         self.rng = np.random.default_rng(seed)
+        self.domain = domain
 
-    def _size(self, short: int) -> float:
-        return float(self.rng.uniform(0.05, 0.40) * short)
+    def _fraction(self, lo: float, hi: float) -> float:
+        """A size in ``lo..hi`` (a share of the short side), skewed as the domain says."""
+        return lo + (hi - lo) * float(self.rng.random()) ** self.domain.size_skew
 
     def _place(self, shapes: list[Shape], shape: Shape, w: int, h: int, region=None) -> bool:
         """Move ``shape`` to a spot inside the image that overlaps others only a little."""
@@ -105,7 +190,7 @@ class SceneMaker:
 
     def _new(self, short: int, kind=None, colour=None, size=None) -> Shape:
         return Shape(kind or str(self.rng.choice(SHAPES)), colour or str(self.rng.choice(list(COLOURS))),
-                     0.0, 0.0, size or self._size(short), float(self.rng.uniform(0, 2 * math.pi)))
+                     0.0, 0.0, size or self._fraction(0.05, 0.40) * short, float(self.rng.uniform(0, 2 * math.pi)))
 
     def scene(self, focus: str, colour_rivals: bool = False):
         """An image, its label map (0 = background, i = ``shapes[i - 1]``) and its shapes.
@@ -124,9 +209,9 @@ class SceneMaker:
             kind, axis = str(rng.choice(SHAPES)), int(rng.integers(0, 2))
             for lo, hi in ((0.0, 0.42), (0.58, 1.0)):
                 region = (lo, hi, 0, 1) if axis == 0 else (0, 1, lo, hi)
-                self._place(shapes, self._new(short, kind, size=rng.uniform(0.06, 0.3) * short), w, h, region)
+                self._place(shapes, self._new(short, kind, size=self._fraction(0.05, 0.3) * short), w, h, region)
         elif focus == "size":
-            kind, small = str(rng.choice(SHAPES)), rng.uniform(0.05, 0.18)
+            kind, small = str(rng.choice(SHAPES)), self._fraction(0.05, 0.18)
             for frac in (small, rng.uniform(max(small * 1.7, 0.2), 0.4)):
                 self._place(shapes, self._new(short, kind, size=frac * short), w, h)
         elif focus in ("all_colour", "all_shape"):
@@ -134,27 +219,29 @@ class SceneMaker:
             for _ in range(int(rng.integers(2, 4))):
                 self._place(shapes, self._new(short, kind if focus == "all_shape" else None,
                                               colour if focus == "all_colour" else None,
-                                              size=rng.uniform(0.05, 0.28) * short), w, h)
+                                              size=self._fraction(0.05, 0.28) * short), w, h)
         elif focus in ("colour_shape", "absent") and colour_rivals:
             twin, other = (str(k) for k in rng.choice(SHAPES, 2, replace=False))
             first, second = (str(c) for c in rng.choice(list(COLOURS), 2, replace=False))
             for k, c in ((twin, first), (twin, second), (other, first)):
-                self._place(shapes, self._new(short, k, c, size=rng.uniform(0.06, 0.3) * short), w, h)
+                self._place(shapes, self._new(short, k, c, size=self._fraction(0.05, 0.3) * short), w, h)
         others = [k for k in SHAPES if focus not in ("side", "size") or k != kind]
-        for _ in range(int(rng.integers(1, 7)) - len(shapes)):
-            extra = self._new(short, str(rng.choice(others)), size=rng.uniform(0.05, 0.3 if shapes else 0.4) * short)
+        for _ in range(int(rng.integers(self.domain.shapes[0], self.domain.shapes[1] + 1)) - len(shapes)):
+            extra = self._new(short, str(rng.choice(others)), size=self._fraction(0.05, 0.3 if shapes else 0.4) * short)
             self._place(shapes, extra, w, h)
         order = rng.permutation(len(shapes))
         shapes = [shapes[i] for i in order]
 
-        image = Image.fromarray(_background(rng, w, h))
+        image = Image.fromarray(_background(rng, w, h, self.domain))
         labels = Image.new("I", (w, h), 0)
         draw, draw_labels = ImageDraw.Draw(image), ImageDraw.Draw(labels)
         for i, s in enumerate(shapes, start=1):  # later shapes lie on top
             draw.polygon(s.polygon(), fill=COLOURS[s.colour])
             draw_labels.polygon(s.polygon(), fill=i)
-        if rng.random() < 0.25:
+        if rng.random() < self.domain.blur:
             image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.4, 1.5))))
+        if rng.random() < self.domain.jpeg:
+            image = _jpeg(image, int(rng.integers(60, 96)))
         return image, np.asarray(labels), shapes
 
     def candidates(self, shapes: list[Shape], visible: np.ndarray) -> dict[str, list[Query]]:
@@ -202,12 +289,13 @@ class SceneMaker:
         return chosen
 
 
-def make_dataset(out: str | Path, n_images: int, seed: int, queries_per_image: int = 2, progress=None) -> Path:
+def make_dataset(out: str | Path, n_images: int, seed: int, queries_per_image: int = 2, progress=None,
+                 domain: Domain = DOMAIN) -> Path:
     """Write ``n_images`` scenes with their queries under ``out`` and a ``manifest.jsonl``."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    maker = SceneMaker(seed)
+    maker = SceneMaker(seed, domain)
     lines = []
     for n in range(n_images):
         focus = KINDS[n % len(KINDS)]

@@ -135,16 +135,14 @@ def _total_minutes(training: dict) -> float:
 
 def stage_flags(t: dict) -> str:
     """The ``train-tiny`` options of a stage (its recorded ``TrainConfig``) that shape its weights."""
-    flags = [f"--lr {t['lr']}", f"--positions {t.get('positions', 'natural')}"]
+    flags = [f"--lr {t['lr']}", f"--positions {t.get('positions', 'natural')}",
+             f"--label-tokens {t.get('label_tokens', 'whole')}",
+             f"--image-attention {t.get('image_attention', 'causal')}"]
     if t.get("freeze_tower"):
         flags.append("--freeze-tower")
-    if t.get("label_tokens", "whole") != "whole":
-        flags.append(f"--label-tokens {t['label_tokens']}")
-    if t.get("image_attention", "causal") != "causal":
-        flags.append(f"--image-attention {t['image_attention']}")
-    flags += [flag for flag, key in (("--contrast", "contrast"), ("--colour-rivals", "colour_rivals")) if t.get(key)]
-    if t.get("focus"):
-        flags.append(f"--focus {t['focus']} --focus-share {t['focus_share']}")
+    flags += [("--" if t.get(key) else "--no-") + flag for flag, key in (("contrast", "contrast"),
+                                                                         ("colour-rivals", "colour_rivals"))]
+    flags.append(f"--focus {t['focus']} --focus-share {t['focus_share']}" if t.get("focus") else "--focus none")
     return " ".join(flags)
 
 

@@ -63,16 +63,16 @@ class TrainConfig:
     text_layers: int = 6
     bf16: bool | None = None  # bf16 autocast; None: where the CPU computes bf16 natively (else it is ~15x slower)
     init: str | None = None  # start from another run's weights (a curriculum), not from scratch
-    positions: str = "natural"  # or "grid": answer tokens aligned with their image cells (positions.py)
+    positions: str = "grid"  # or "natural": answer tokens aligned with their image cells (positions.py)
     steps: int | None = None  # stop after this many steps (the cosine schedule spans them)
     workers: int = 0  # processes building batches (steps.py)
     freeze_tower: bool = False  # keep the vision tower as it starts (after a tower stage: see tower.py)
-    label_tokens: str = "whole"  # each expression one token, or "words" (tiny.py)
-    image_attention: str = "causal"  # or "bidirectional": image tokens see the whole image (attention.py)
-    contrast: bool = False  # queries in contrasting pairs on one image (synth.samples)
-    colour_rivals: bool = False  # colour-and-shape and absent queries that the shape kind alone cannot answer
-    focus: str | None = None  # a query kind (synth.KINDS) drawn more often than the others
-    focus_share: float = 0.5  # the share of scenes made for ``focus``; the rest draw a kind uniformly
+    label_tokens: str = "words"  # expressions spelt in words, or each one "whole" token (tiny.py)
+    image_attention: str = "bidirectional"  # or "causal": image tokens see the whole image (attention.py)
+    contrast: bool = True  # queries in contrasting pairs on one image (synth.samples)
+    colour_rivals: bool = True  # colour-and-shape and absent queries that the shape kind alone cannot answer
+    focus: str | None = "side,size"  # query kinds (synth.KINDS, comma-separated) drawn more often than the rest
+    focus_share: float = 0.4  # the share of scenes made for ``focus``; the rest draw a kind uniformly
 
 
 class AuxHeads(nn.Module):
@@ -134,9 +134,9 @@ def encode_example(tokenizer, processor, image, expression, mask, fmt, grid, rng
 def batch_triples(maker: synth.SceneMaker, cfg: TrainConfig) -> list:
     """One batch of (image, expression, mask) triples: scenes of a kind drawn uniformly, or
     ``cfg.focus`` for a ``cfg.focus_share`` of them, with their pairs under ``cfg.contrast``."""
-    triples = []
+    triples, kinds = [], cfg.focus.split(",") if cfg.focus else []
     while len(triples) < cfg.batch:
-        focus = cfg.focus if cfg.focus and maker.rng.random() < cfg.focus_share else None
+        focus = kinds[int(maker.rng.integers(len(kinds)))] if kinds and maker.rng.random() < cfg.focus_share else None
         triples += synth.samples(maker, focus, contrast=cfg.contrast, colour_rivals=cfg.colour_rivals)
     return triples[:cfg.batch]
 

@@ -21,6 +21,7 @@ import torch
 
 from . import codec, export, render
 from .backend import StreamEvent
+from .dataset import read_manifest
 from .images import BadImage, prepare
 from .loading import DEFAULT_MODEL, PRESETS, QUANTS, ModelUnavailable, load, resolve
 from .pipeline import Request, Result, segment, segment_stream
@@ -329,10 +330,9 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
                     with gr.Row():
                         tokens_chart = gr.BarPlot(x="format", y="tokens", color="format", title="Generated tokens")
                         time_chart = gr.BarPlot(x="format", y="decode ms", color="format", title="Decode time (ms)")
-        synthetic = sorted((EXAMPLES / "synthetic").glob("*.png"))
-        if synthetic:
-            gr.Examples([[str(p), _example_expression(p)] for p in synthetic], [image_in, expression],
-                        label="Synthetic scenes (the tiny bundled models know these)")
+        synthetic = read_manifest(EXAMPLES / "synthetic")
+        gr.Examples([[str(q.image), q.expression] for q in synthetic], [image_in, expression],
+                    label="Synthetic scenes (the domain of the bundled tiny models; never trained on)")
         photos = sorted((EXAMPLES / "photos").glob("*.jpg"))
         if photos:
             gr.Examples([[str(p), _example_expression(p)] for p in photos], [image_in, expression],
