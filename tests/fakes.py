@@ -6,10 +6,16 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import (AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration)
+from transformers import (
+    AutoTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
-from text4seg_demo.tokens import LLAMA_VOCAB
+from text4seg_demo.inference.tokens import LLAMA_VOCAB
 
 CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56,
             patch_size=14, projection_dim=32)
@@ -134,10 +140,15 @@ QWEN_SPECIAL = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_
 
 def write_tiny_qwen2_vl(path: Path, seed: int = 0) -> Path:
     """A random Qwen2-VL (multimodal rotary positions, dynamic image resolution) with its processor."""
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
-                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
-    from text4seg_demo import tiny
+    from text4seg_demo.training import tiny
 
     tokenizer = tiny.build_tokenizer(tiny.training_corpus())
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL})

@@ -10,7 +10,7 @@ import torch
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from text4seg_demo import ui
+from text4seg_demo.app import ui
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "synthetic" / "images" / "000007.png"  # its query: the blue square

@@ -3,9 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
-from text4seg_demo import codec, prompts, tiny
-from text4seg_demo.attention import image_block_mask
-from text4seg_demo.backend import Settings, Text4SegModel
+from text4seg_demo.descriptors import codec, prompts
+from text4seg_demo.inference.attention import image_block_mask
+from text4seg_demo.inference.engine import Settings, Text4SegModel
+from text4seg_demo.training import tiny
 
 LABEL = "the red circle"
 

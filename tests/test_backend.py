@@ -5,13 +5,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+from fakes import noise_image, write_original_llava
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
-from fakes import noise_image, write_original_llava
-from text4seg_demo import codec, loading
-from text4seg_demo.convert import convert
-from text4seg_demo.loading import ModelUnavailable, load, plan_precision, resolve
+from text4seg_demo.descriptors import codec
+from text4seg_demo.inference import loading
+from text4seg_demo.inference.convert import convert
+from text4seg_demo.inference.loading import ModelUnavailable, load, plan_precision, resolve
 
 LABEL = "white horse"
 
@@ -152,3 +153,18 @@ def test_cli_segment_on_an_original_llava_checkpoint(checkpoint, request, tmp_pa
     assert {"prefill", "decode", "total", "ttft"} <= set(doc["timings"])
     assert doc["quant"] == "fp32" and doc["device"] == "cpu" and doc["model"] == str(original[0])
     assert Image.open(tmp_path / "m.png").size == (120, 90)
+
+
+@pytest.mark.slow
+def test_eval_runs_a_p24_checkpoint_at_its_own_grid(original, tmp_path, capsys):
+    from text4seg_demo.cli import main
+
+    noise_image(size=(48, 48)).save(tmp_path / "x.png")
+    Image.fromarray(np.zeros((48, 48), np.uint8)).save(tmp_path / "none.png")
+    (tmp_path / "manifest.jsonl").write_text('{"image": "x.png", "expression": "white horse", "mask": "none.png"}\n')
+    assert main(["eval", "--data", str(tmp_path), "--model", str(original[0]), "--constrained",
+                 "--json", str(tmp_path / "report.json")]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["grid"] == 24 and report["malformed_rate"] == 0.0
+    assert main(["eval", "--data", str(tmp_path), "--oracle", "--json", str(tmp_path / "oracle.json")]) == 0
+    assert json.loads((tmp_path / "oracle.json").read_text())["grid"] == 16

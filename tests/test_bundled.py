@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from text4seg_demo import bench as bench_module
-from text4seg_demo import codec
-from text4seg_demo.bench import bench
-from text4seg_demo.loading import PRESETS, load
+from text4seg_demo.descriptors import codec
+from text4seg_demo.evaluation import bench as bench_module
+from text4seg_demo.evaluation.bench import bench
+from text4seg_demo.inference.loading import PRESETS, load
 from text4seg_demo.pipeline import segment
-from text4seg_demo.tiny import fixed_grid_ciou, fixed_queries
+from text4seg_demo.training.tiny import fixed_grid_ciou, fixed_queries
 
 TOLERANCE = 0.02  # the card's figure was measured on another machine; greedy decoding may flip a token
 

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from fakes import noise_image, write_tiny_qwen2_vl
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from fakes import noise_image, write_tiny_qwen2_vl
-from text4seg_demo import codec
-from text4seg_demo.backend import ChatTemplateModel
-from text4seg_demo.loading import load
+from text4seg_demo.descriptors import codec
+from text4seg_demo.inference.engine import ChatTemplateModel
+from text4seg_demo.inference.loading import load
 
 LABEL = "the red circle"
 
@@ -76,7 +76,7 @@ def test_a_peft_adapter_is_merged_on_load(qwen_dir, tmp_path):
 def test_a_text_only_checkpoint_is_refused_with_a_clear_message(tmp_path):
     from transformers import LlamaConfig
 
-    from text4seg_demo.loading import ModelUnavailable
+    from text4seg_demo.inference.loading import ModelUnavailable
 
     LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                 vocab_size=100).save_pretrained(tmp_path)

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from text4seg_demo import codec
-from text4seg_demo.codec import OTHERS, check_label, decode, encode, parse_answer, wrap
+from text4seg_demo.descriptors import codec
+from text4seg_demo.descriptors.codec import OTHERS, check_label, decode, encode, parse_answer, wrap
 
 HORSE = ["others", "white horse"]
 

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from text4seg_demo import synth
-from text4seg_demo.dataset import read_manifest
+from text4seg_demo.evaluation.manifest import read_manifest
 from text4seg_demo.images import prepare
 from text4seg_demo.masks import load_mask
+from text4seg_demo.training import synth
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "synthetic"
 

@@ -5,10 +5,17 @@ from PIL import Image, ImageDraw
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from text4seg_demo.evaluation.metrics import iou
 from text4seg_demo.masks import to_grid, to_image
-from text4seg_demo.metrics import iou
-from text4seg_demo.refine import (LOGIT, GrabCutRefiner, RefinerError, SamRefiner, build_refiner, letterbox_logits,
-                                  sample_points)
+from text4seg_demo.refine import (
+    LOGIT,
+    GrabCutRefiner,
+    RefinerError,
+    SamRefiner,
+    build_refiner,
+    letterbox_logits,
+    sample_points,
+)
 
 IMG = 64  # the tiny SAM's input side; its mask prompt is IMG / 4 = 16
 

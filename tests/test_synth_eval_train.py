@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
-from text4seg_demo import evaluate as evaluate_module
-from text4seg_demo import synth, tiny, tower, train
-from text4seg_demo.codec import ROW_SEP, RUN_SEP, Diagnostic
+from text4seg_demo.descriptors.codec import ROW_SEP, RUN_SEP, Diagnostic
+from text4seg_demo.evaluation import evaluate as evaluate_module
+from text4seg_demo.evaluation.metrics import IoUMeter
 from text4seg_demo.masks import to_grid
-from text4seg_demo.metrics import IoUMeter
 from text4seg_demo.pipeline import Result
+from text4seg_demo.training import synth, tiny, tower, train
 
 
 def digest(root):

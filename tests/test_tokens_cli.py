@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from text4seg_demo import codec
-from text4seg_demo.tokens import count_tokens, load_tokenizer
+from text4seg_demo.descriptors import codec
+from text4seg_demo.inference.tokens import count_tokens, load_tokenizer
 
 HORSE = ["others", "white horse"]
 
@@ -36,9 +36,8 @@ def test_spec_example_token_counts_under_llama_vocabulary(llama):
 def test_the_released_checkpoints_tokenizer_format_counts_like_the_bundled_vocabulary(llama, tmp_path):
     # the released checkpoint ships its vocabulary as a SentencePiece tokenizer.model; read through
     # transformers it must split answers exactly as the bundled GGUF vocabulary does
-    from transformers import AutoTokenizer
-
     from fakes import write_sentencepiece_tokenizer
+    from transformers import AutoTokenizer
 
     released = AutoTokenizer.from_pretrained(write_sentencepiece_tokenizer(tmp_path))
     answer = codec.wrap(codec.encode(spec_grid(), HORSE, "rrle"), "Sure, here is the segmentation mask for 'white horse':")

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import torch
 
-from text4seg_demo import steps, synth, tiny, tower, train
+from text4seg_demo.training import steps, synth, tiny, tower, train
 
 
 def test_patch_labels_name_the_shape_under_each_patch_centre():

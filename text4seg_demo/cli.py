@@ -26,7 +26,7 @@ def _grid(text: str) -> int:
 
 
 def _kinds(text: str) -> str | None:
-    from .synth import KINDS
+    from .training.synth import KINDS
 
     if text == "none":
         return None
@@ -47,7 +47,7 @@ def _share(text: str) -> float:
 
 
 def cmd_descriptors_encode(args) -> int:
-    from . import codec
+    from .descriptors import codec
     from .masks import load_mask, to_grid
 
     codec.check_label(args.label)
@@ -58,7 +58,7 @@ def cmd_descriptors_encode(args) -> int:
         text = codec.wrap(body) if args.wrap else body
         record = {"mask": str(path), "text": text}
         if tokenizer is not None:
-            from .tokens import count_tokens
+            from .inference.tokens import count_tokens
 
             record["tokens"] = count_tokens(tokenizer, body)
         if args.jsonl:
@@ -71,14 +71,14 @@ def cmd_descriptors_encode(args) -> int:
 
 
 def cmd_descriptors_decode(args) -> int:
-    from . import codec
+    from .descriptors import codec
 
     text = sys.stdin.read()
     parsed = codec.parse_answer(text, args.grid, fmt=args.format, repair=args.repair)
     result = parsed.to_dict()
     tokenizer = _tokenizer(args)
     if tokenizer is not None:
-        from .tokens import count_tokens
+        from .inference.tokens import count_tokens
 
         result["tokens"] = count_tokens(tokenizer, parsed.body)
     if args.out:
@@ -94,7 +94,7 @@ def cmd_descriptors_decode(args) -> int:
 def _tokenizer(args):
     if not args.tokenizer:
         return None
-    from .tokens import load_tokenizer
+    from .inference.tokens import load_tokenizer
 
     return load_tokenizer(args.tokenizer)
 
@@ -103,7 +103,7 @@ def _tokenizer(args):
 
 
 def _load_model(args):
-    from .loading import load
+    from .inference.loading import load
 
     return load(args.model, quant=args.quant, device=args.device, adapter=getattr(args, "adapter", None),
                 grid=getattr(args, "grid", None), log=lambda m: print(m, file=sys.stderr))
@@ -144,7 +144,7 @@ def _refiner(args):
 
 
 def cmd_convert_llava(args) -> int:
-    from .convert import convert
+    from .inference.convert import convert
 
     convert(args.src, args.dst, log=lambda m: print(m, file=sys.stderr))
     return 0
@@ -153,7 +153,7 @@ def cmd_convert_llava(args) -> int:
 def cmd_synth(args) -> int:
     from tqdm import tqdm
 
-    from .synth import SPLITS, make_dataset
+    from .training.synth import SPLITS, make_dataset
 
     with tqdm(total=args.n_images, desc=f"synth ({args.split})", unit="image") as bar:
         manifest = make_dataset(args.out, args.n_images, args.seed, args.queries_per_image,
@@ -170,21 +170,21 @@ def _given(**options) -> dict:
 def cmd_train_tiny(args) -> int:
     import torch
 
-    from .train import TrainConfig, train
+    from .training.train import TrainConfig, train
 
     torch.set_num_threads(args.threads)
     if args.probe:
-        from .train import probe
+        from .training.train import probe
 
         print(json.dumps(probe(args.out)))
         return 0
     if args.card:
-        from .tiny import write_card
+        from .training.tiny import write_card
 
         print(f"model card written to {write_card(args.out) / 'README.md'}", file=sys.stderr)
         return 0
     if args.stage == "tower":
-        from .tower import TowerConfig, train_tower
+        from .training.tower import TowerConfig, train_tower
 
         cfg = TowerConfig(out=str(args.out), grid=args.grid, seed=args.seed, eval_every_min=args.eval_every,
                           minutes=args.minutes, workers=args.workers,
@@ -207,17 +207,17 @@ def cmd_train_tiny(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate
+    from .evaluation.evaluate import evaluate
 
     engine = None if args.oracle else _load_model(args)
     report = evaluate(engine, args.data, refiner=_refiner(args), constrained=args.constrained, limit=args.limit,
-                      grid=args.grid)
+                      grid=args.grid or 16)
     _emit(report, args.json, drop=("queries",))
     return 0
 
 
 def cmd_bench(args) -> int:
-    from .bench import bench
+    from .evaluation.bench import bench
 
     report = bench(args.data, args.rrle_model, args.full_model, limit=args.limit,
                    log=lambda m: print(m, file=sys.stderr))
@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(bold textures, small shapes, crowded scenes), never trained on")
     syn.set_defaults(func=cmd_synth)
 
-    from .synth import KINDS
+    from .training.synth import KINDS
 
     tt = commands.add_parser("train-tiny", help="train a tiny Text4Seg model from scratch on the synthetic domain")
     tt.add_argument("--out", type=Path, required=True, help="run directory (checkpoint, log.jsonl, model/)")
@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="only the first N queries")
     ev.add_argument("--oracle", action="store_true",
                     help="no model: the truth taken to the grid is the coarse mask (measures a refiner alone)")
-    ev.add_argument("--grid", type=_grid, default=16, help="grid of the --oracle coarse mask (default 16)")
+    ev.add_argument("--grid", type=_grid, help="grid the evaluation runs at (default: the model's own; "
+                                                "16 for --oracle)")
     ev.add_argument("--json", type=Path, help="write the full report (with per-query rows) here")
     ev.set_defaults(func=cmd_eval)
 

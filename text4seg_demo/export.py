@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .codec import OTHERS
+from .descriptors.codec import OTHERS
 
 # Colour-blind-safe palette (Okabe-Ito) for foreground labels; background stays black.
 PALETTE = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66),

@@ -67,9 +67,9 @@ def prepare(source, max_side: int = MAX_SIDE) -> tuple[Image.Image, list[str]]:
 def _to_uint8(array: np.ndarray, notes: list[str]) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
+    notes.append(f"{array.dtype} pixel values rescaled to 8 bits")  # named before the conversion below
     array = array.astype(np.float64)
     top = 65535.0 if array.max() > 255 else 255.0 if array.max() > 1 else 1.0
-    notes.append(f"{array.dtype} pixel values rescaled to 8 bits")
     return np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 

@@ -14,8 +14,8 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from . import codec
-from .backend import StreamEvent, Text4SegModel
+from .descriptors import codec
+from .inference.engine import StreamEvent, Text4SegModel
 from .masks import to_image
 
 MAX_EXPRESSION_CHARS = 200

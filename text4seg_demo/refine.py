@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .backend import LRUCache, image_key
+from .inference.engine import LRUCache, image_key
 
 SAM_CHECKPOINTS = {  # official URLs and sha256 of the released files
     "vit_h": ("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
@@ -54,7 +54,7 @@ class Refinement:
 
 
 def sam_cache_dir() -> Path:
-    from .loading import cache_dir
+    from .inference.loading import cache_dir
 
     return cache_dir() / "sam"
 

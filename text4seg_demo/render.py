@@ -7,7 +7,7 @@ import re
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .codec import CLOSE_TAG, OPEN_TAG, OTHERS
+from .descriptors.codec import CLOSE_TAG, OPEN_TAG, OTHERS
 from .export import label_colour
 
 DISPLAY_SIDE = 640

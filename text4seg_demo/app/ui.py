@@ -19,20 +19,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import codec, export, render
-from .backend import StreamEvent
-from .dataset import read_manifest
-from .images import BadImage, prepare
-from .loading import DEFAULT_MODEL, PRESETS, QUANTS, ModelUnavailable, load, resolve
-from .pipeline import Request, Result, segment, segment_stream
-from .refine import REFINERS, RefinerError, build_refiner
+from .. import export, render
+from ..descriptors import codec
+from ..evaluation.manifest import read_manifest
+from ..images import BadImage, prepare
+from ..inference.engine import StreamEvent
+from ..inference.loading import DEFAULT_MODEL, PRESETS, QUANTS, ModelUnavailable, load, resolve
+from ..pipeline import Request, Result, segment, segment_stream
+from ..refine import REFINERS, RefinerError, build_refiner
 
 PAPER = "https://arxiv.org/abs/2410.09855"
 CSS = """
 #answer { max-height: 280px; overflow-y: auto; }
 #metrics table { font-size: 0.9em; }
 """
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 FORMATS = {"R-RLE": "rrle", "Full-length": "full", "Compare both": "compare"}
 USER_ERRORS = (ValueError, BadImage, ModelUnavailable, RefinerError)
 OUT_OF_MEMORY = (MemoryError, torch.cuda.OutOfMemoryError)

@@ -33,12 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import codec, prompts, synth, tiny
-from .attention import image_block_mask
-from .loading import native_bf16
-from .masks import to_grid
-from .metrics import iou
-from .positions import AnswerPositions
+from ..descriptors import codec, prompts
+from ..evaluation.metrics import iou
+from ..inference.attention import image_block_mask
+from ..inference.loading import native_bf16
+from ..inference.positions import AnswerPositions
+from ..masks import to_grid
+from . import synth, tiny
 from .steps import batches, descend, training_device
 from .tower import tower_probe
 
@@ -204,7 +205,7 @@ def cosine(step, warmup, total):
 
 def _engine(model, tokenizer, processor, cfg: TrainConfig):
     """The model in training, wrapped for greedy answers as the app would give them."""
-    from .backend import Settings, Text4SegModel
+    from ..inference.engine import Settings, Text4SegModel
 
     settings = Settings(cfg.grid, cfg.fmt, PROMPT_STYLE, positions=cfg.positions, image_attention=cfg.image_attention)
     return Text4SegModel(model, tokenizer, processor, settings, cache_images=0)
@@ -213,7 +214,7 @@ def _engine(model, tokenizer, processor, cfg: TrainConfig):
 @torch.no_grad()
 def grid_ciou(model, tokenizer, processor, queries, cfg: TrainConfig) -> dict:
     """Greedy answers for held-out queries, scored on the grid: cIoU and malformed rate."""
-    from .evaluate import grid_scores
+    from ..evaluation.evaluate import grid_scores
 
     scores = grid_scores(_engine(model, tokenizer, processor, cfg), queries)
     model.train()
@@ -234,7 +235,7 @@ def _settings_file(source: Path) -> Path | None:
 
 def _init_source(init: str) -> Path:
     """The directory ``--init`` names: a run, a saved model or a bundled preset."""
-    from .loading import PRESETS
+    from ..inference.loading import PRESETS
 
     return Path(PRESETS[init].source) if init in PRESETS else Path(init)
 
@@ -253,7 +254,7 @@ def _initialise(model, heads, init: str, tokenizer) -> str:
     if (source / "model.safetensors").exists():
         from transformers import LlavaForConditionalGeneration
 
-        from .tokens import load_tokenizer
+        from ..inference.tokens import load_tokenizer
 
         saved = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
         added = _load_weights(model, saved.state_dict(), init, load_tokenizer(source), tokenizer)
@@ -427,7 +428,7 @@ def colour_pairs(model, tokenizer, processor, cfg: TrainConfig, n: int = 30, see
     circle` on scenes holding both (:meth:`synth.SceneMaker.scene` with ``colour_rivals``). A model
     that reads only the shape kind answers both alike. Returns the share of pairs answered alike
     (answers overlapping at IoU > 0.5) and the share of their queries answered right (IoU >= 0.5)."""
-    from .evaluate import grid_answers
+    from ..evaluation.evaluate import grid_answers
 
     pairs = []
     for k in range(n * 2):

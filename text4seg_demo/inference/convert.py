@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import prompts
+from ..descriptors import prompts
 
 VISION_PREFIX = "model.vision_tower.vision_tower."
 KEY_RULES = (  # (source pattern, target) applied in order, first match wins
@@ -101,8 +101,7 @@ def _vision_config_from_weights(state: dict[str, torch.Tensor]):
 
 def convert(src: str | Path, dst: str | Path, log=print) -> Path:
     """Convert the original-LLaVA checkpoint ``src`` into a transformers directory ``dst``."""
-    from transformers import (AutoTokenizer, CLIPImageProcessor, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration)
+    from transformers import AutoTokenizer, CLIPImageProcessor, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     src, dst = Path(src), Path(dst)
     config = json.loads((src / "config.json").read_text())

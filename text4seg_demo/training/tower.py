@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..masks import to_grid
 from . import synth, tiny
-from .masks import to_grid
 from .steps import batches, descend, training_device
 
 COLOURS = list(synth.COLOURS)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from .codec import CLOSE_TAG, OPEN_TAG
+from ..descriptors.codec import CLOSE_TAG, OPEN_TAG
 
 SCHEMES = ("natural", "grid")
 _COUNT = re.compile(r"\*\s*(\d+)")

@@ -7,13 +7,13 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from .backend import Text4SegModel
-from .codec import parse_answer
-from .dataset import read_manifest
-from .images import prepare
-from .masks import load_mask, to_grid, to_image
+from ..descriptors.codec import parse_answer
+from ..images import prepare
+from ..inference.engine import Text4SegModel
+from ..masks import load_mask, to_grid, to_image
+from ..pipeline import Request, Result, segment
+from .manifest import read_manifest
 from .metrics import IoUMeter
-from .pipeline import Request, Result, segment
 
 
 def evaluate(engine: Text4SegModel | None, data: str, refiner=None, constrained: bool = False,
@@ -63,7 +63,7 @@ def evaluate(engine: Text4SegModel | None, data: str, refiner=None, constrained:
         rows.append(row)
     n = len(rows)
     report = {
-        "model": name, "n": n, "refiner": getattr(refiner, "name", "none"), "constrained": constrained,
+        "model": name, "grid": grid, "n": n, "refiner": getattr(refiner, "name", "none"), "constrained": constrained,
         "ciou": {"coarse": coarse.ciou, "refined": refined.ciou},
         "giou": {"coarse": coarse.giou, "refined": refined.giou},
         "grid_ciou": grid_meter.ciou, "grid_prec50": grid_meter.prec50, "oracle_ciou": oracle.ciou,

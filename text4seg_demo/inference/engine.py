@@ -24,18 +24,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import codec, prompts
+from ..descriptors import codec, prompts
+from ..descriptors.grammar import GrammarConstraint, ebnf, grammar_char_budget
 from .attention import SCHEMES as ATTENTION_SCHEMES
 from .attention import image_block_mask
-from .grammar import GrammarConstraint, ebnf, grammar_char_budget
 from .positions import AnswerPositions
 
 
 @dataclass
 class Settings:
     """How a checkpoint speaks: its grid, its descriptor format, its prompt template, how its
-    answer tokens are positioned (:mod:`text4seg_demo.positions`) and what its image tokens
-    attend to (:mod:`text4seg_demo.attention`)."""
+    answer tokens are positioned (:mod:`text4seg_demo.inference.positions`) and what its image tokens
+    attend to (:mod:`text4seg_demo.inference.attention`)."""
 
     grid: int = 16
     fmt: str = "rrle"

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .backend import ChatTemplateModel, Settings, Text4SegModel
+from .engine import ChatTemplateModel, Settings, Text4SegModel
 from .tokens import ASSETS
 
 QUANTS = ("auto", "4bit", "8bit", "bf16", "fp16", "fp32")

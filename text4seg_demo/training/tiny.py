@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import prompts
-from .codec import OTHERS, ROW_SEP, RUN_SEP
+from ..descriptors import prompts
+from ..descriptors.codec import OTHERS, ROW_SEP, RUN_SEP
 from .synth import expressions
 
 IMAGE_SIZE, PATCH = 224, 14
@@ -124,7 +124,7 @@ def fixed_queries():
 
 def fixed_grid_ciou(engine) -> float:
     """Grid cIoU of a loaded model on :func:`fixed_queries` (greedy, unconstrained)."""
-    from .evaluate import grid_scores
+    from ..evaluation.evaluate import grid_scores
 
     return grid_scores(engine, fixed_queries())["grid_ciou"]
 
@@ -161,7 +161,7 @@ def write_card(run: str | Path) -> Path:
     It is titled with the preset the run's format is bundled as (``tiny-rrle``, ``tiny-full``)."""
     import json
 
-    from .loading import load
+    from ..inference.loading import load
 
     run = Path(run)
     model_dir = run / "model"
@@ -189,7 +189,7 @@ def write_card(run: str | Path) -> Path:
         (f"- training: {t['steps']} steps of batch {t['batch']} (fresh synthetic samples, seed {t['seed']}), AdamW "
          f"{t['lr']}, {'bf16 autocast' if t['bf16'] else 'fp32'}, {t['minutes']} minutes wall time "
          f"({t.get('device', 'cpu').upper()}), with training-only patch and row heads "
-         "(see `text4seg_demo/train.py`)" if t["steps"] else
+         "(see `text4seg_demo/training/train.py`)" if t["steps"] else
          "- training: none in this stage, which gave the weights before it a tokenizer with more tokens, each "
          "new one starting as the mean of the pieces it replaces (greedy answers unchanged)"),
         f"- command: `text4seg train-tiny --out RUN --format {settings['format']} --grid {settings['grid']} "
@@ -199,11 +199,11 @@ def write_card(run: str | Path) -> Path:
            + "; ".join(_stage_summary(stage) for stage in t.get("lineage", []))
            + f". Training time of the weights in all: {_total_minutes(t):.0f} minutes"]
           if t.get("init") else []),
-        *(["- answer positions: `grid` (`text4seg_demo/positions.py`): each descriptor token's rotary position is "
+        *(["- answer positions: `grid` (`text4seg_demo/inference/positions.py`): each descriptor token's rotary position is "
            "that of `<seg>` plus the grid cells written so far, so the token that starts the run at cell k sits "
            "where a full-length answer would name cell k; the text is unchanged"]
           if settings.get("positions") == "grid" else []),
-        *(["- image attention: `bidirectional` (`text4seg_demo/attention.py`): the image tokens see one another "
+        *(["- image attention: `bidirectional` (`text4seg_demo/inference/attention.py`): the image tokens see one another "
            "in both directions, the text is causal"]
           if settings.get("image_attention") == "bidirectional" else []),
         f"- grid cIoU on the 20 fixed queries of `tiny.fixed_queries()`: {settings['metrics']['fixed20_grid_ciou']}",

@@ -15,13 +15,13 @@ from functools import partial
 import numpy as np
 from tqdm import tqdm
 
-from . import codec, prompts
-from .backend import Text4SegModel
-from .dataset import read_manifest
-from .images import prepare
-from .masks import load_mask, to_grid
-from .pipeline import Request, segment
-from .tokens import count_tokens, load_tokenizer
+from ..descriptors import codec, prompts
+from ..images import prepare
+from ..inference.engine import Text4SegModel
+from ..inference.tokens import count_tokens, load_tokenizer
+from ..masks import load_mask, to_grid
+from ..pipeline import Request, segment
+from .manifest import read_manifest
 
 
 def _mean(values) -> float:
@@ -59,7 +59,7 @@ def _summary(rows) -> dict:
 
 def bench(data: str, rrle_model: str = "tiny-rrle", full_model: str = "tiny-full", limit: int | None = 100,
           log=print) -> dict:
-    from .loading import load
+    from ..inference.loading import load
 
     queries = read_manifest(data, limit)
     items = [(prepare(q.image, max_side=10**6)[0], q.expression) for q in queries]

@@ -1,0 +1,1 @@
+"""The bundled tiny models: their synthetic domain, architecture and tokenizer, training stages and cards."""
