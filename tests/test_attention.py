@@ -5,7 +5,8 @@ from PIL import Image
 
 from text4seg_demo.descriptors import codec, prompts
 from text4seg_demo.inference.attention import image_block_mask
-from text4seg_demo.inference.engine import Settings, Text4SegModel
+from text4seg_demo.inference.engine import Text4SegModel
+from text4seg_demo.inference.settings import Settings
 from text4seg_demo.training import tiny
 
 LABEL = "the red circle"

@@ -12,7 +12,8 @@ from transformers import LlavaForConditionalGeneration
 from text4seg_demo.descriptors import codec
 from text4seg_demo.inference import loading
 from text4seg_demo.inference.convert import convert
-from text4seg_demo.inference.loading import ModelUnavailable, load, plan_precision, resolve
+from text4seg_demo.inference.hub import ModelUnavailable, resolve
+from text4seg_demo.inference.loading import load, plan_precision
 
 LABEL = "white horse"
 

@@ -9,7 +9,8 @@ from PIL import Image
 from text4seg_demo.descriptors import codec
 from text4seg_demo.evaluation import bench as bench_module
 from text4seg_demo.evaluation.bench import bench
-from text4seg_demo.inference.loading import PRESETS, load
+from text4seg_demo.inference.hub import PRESETS
+from text4seg_demo.inference.loading import load
 from text4seg_demo.pipeline import segment
 from text4seg_demo.training.tiny import fixed_grid_ciou, fixed_queries
 

@@ -76,7 +76,7 @@ def test_a_peft_adapter_is_merged_on_load(qwen_dir, tmp_path):
 def test_a_text_only_checkpoint_is_refused_with_a_clear_message(tmp_path):
     from transformers import LlamaConfig
 
-    from text4seg_demo.inference.loading import ModelUnavailable
+    from text4seg_demo.inference.hub import ModelUnavailable
 
     LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                 vocab_size=100).save_pretrained(tmp_path)

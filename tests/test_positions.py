@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 
 from text4seg_demo.descriptors import codec, prompts
-from text4seg_demo.inference.engine import Settings, Text4SegModel
+from text4seg_demo.inference.engine import Text4SegModel
 from text4seg_demo.inference.positions import AnswerPositions, cells_covered
+from text4seg_demo.inference.settings import Settings
 from text4seg_demo.training import tiny
 
 LABEL = "the red circle"

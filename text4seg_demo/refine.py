@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .inference.engine import LRUCache, image_key
+from .caching import LRUCache, image_key
+from .inference.devices import choose_device
 
 SAM_CHECKPOINTS = {  # official URLs and sha256 of the released files
     "vit_h": ("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
@@ -54,7 +55,7 @@ class Refinement:
 
 
 def sam_cache_dir() -> Path:
-    from .inference.loading import cache_dir
+    from .inference.hub import cache_dir
 
     return cache_dir() / "sam"
 
@@ -202,7 +203,6 @@ class SamRefiner:
 
 
 def build_sam(variant: str = "vit_h", checkpoint: str | None = None, device: str | None = None) -> SamRefiner:
-    import torch
     from segment_anything import sam_model_registry
 
     path = Path(checkpoint) if checkpoint else sam_checkpoint(variant)
@@ -212,7 +212,7 @@ def build_sam(variant: str = "vit_h", checkpoint: str | None = None, device: str
         sam = sam_model_registry[variant](checkpoint=str(path))
     except (RuntimeError, KeyError) as err:
         raise RefinerError(f"{path} is not a SAM {variant} checkpoint ({err})") from None
-    sam.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sam.to(choose_device(device))
     return SamRefiner(sam, "sam", f"{variant}:{path.name}")
 
 
@@ -240,7 +240,7 @@ def build_sam_lite(device: str | None = None) -> SamRefiner:
     path = Path(get_asset_path())
     state = torch.load(path, map_location="cpu", weights_only=True)
     sam.load_state_dict(state.get("model", state), strict=True)
-    sam.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sam.to(choose_device(device))
     return SamRefiner(sam, "sam-lite", f"LiteMedSAM:{path.name}", prompt="boxes")
 
 

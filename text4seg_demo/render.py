@@ -7,8 +7,9 @@ import re
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .descriptors.codec import CLOSE_TAG, OPEN_TAG, OTHERS
+from .descriptors.codec import CLOSE_TAG, OPEN_TAG, OTHERS, split_run
 from .export import label_colour
+from .masks import to_image
 
 DISPLAY_SIDE = 640
 OTHERS_HEX = "#9e9e9e"
@@ -55,10 +56,8 @@ def grid_view(image: Image.Image, grid: np.ndarray | None, labels: list[str], ro
         draw.line([(0, y), (w, y)], fill=(255, 255, 255), width=1)
     annotations = []
     if grid is not None:
-        rows = (np.arange(h) * n) // h
-        cols = (np.arange(w) * m) // w
-        cell = grid[rows[:, None], cols[None, :]]
-        visible = rows[:, None] < done
+        cell = to_image(grid, h, w)
+        visible = ((np.arange(h) * n) // h)[:, None] < done  # the same row rule as to_image
         for i, label in enumerate(labels):
             if i == 0:
                 continue
@@ -94,9 +93,6 @@ def _erode(mask: np.ndarray) -> np.ndarray:
     return inner
 
 
-_RUN = re.compile(r"([^|\n*<]+?) ?\*(\d+)")
-
-
 def highlight(text: str, labels: list[str]) -> list[tuple[str, str | None]]:
     """The answer cut into pieces for ``gr.HighlightedText``: each run or label under its label."""
     start = text.find(OPEN_TAG)
@@ -111,8 +107,8 @@ def highlight(text: str, labels: list[str]) -> list[tuple[str, str | None]]:
     for part in re.split(r"(\| |\n ?)", body):
         if not part:
             continue
-        match = _RUN.fullmatch(part.strip())
-        name = match.group(1).strip() if match else part.strip()
+        run = split_run(part.strip())
+        name = run[0].strip() if run else part.strip()
         pieces.append((part, name if name in known else None))
     if tail:
         pieces.append((tail, None))

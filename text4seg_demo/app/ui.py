@@ -24,7 +24,8 @@ from ..descriptors import codec
 from ..evaluation.manifest import read_manifest
 from ..images import BadImage, prepare
 from ..inference.engine import StreamEvent
-from ..inference.loading import DEFAULT_MODEL, PRESETS, QUANTS, ModelUnavailable, load, resolve
+from ..inference.hub import DEFAULT_MODEL, PRESETS, ModelUnavailable, resolve
+from ..inference.loading import QUANTS, load
 from ..pipeline import Request, Result, segment, segment_stream
 from ..refine import REFINERS, RefinerError, build_refiner
 

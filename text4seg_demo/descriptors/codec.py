@@ -28,6 +28,13 @@ OPEN_TAG, CLOSE_TAG = "<seg>", "</seg>"
 RUN_SEP, ROW_SEP, COUNT_SEP = "| ", "\n ", " *"
 
 _RUN = re.compile(r"^(?P<label>.*?) ?\*(?P<count>\d+)$")
+
+
+def split_run(text: str) -> tuple[str, int] | None:
+    """``LABEL *COUNT`` read leniently as (label, count), the label unstripped; None when it is no
+    run. The one reading of a run that the parser, the positions and the answer view share."""
+    match = _RUN.match(text)
+    return None if match is None else (match["label"], int(match["count"]))
 _FORBIDDEN = ("|", "*", "\n", "\r", "<seg>", "</seg>")
 
 
@@ -232,17 +239,17 @@ class _Reader:
     def run(self, text: str) -> list[str]:
         if not text:
             return []
-        match = _RUN.match(text)
-        if match is None or int(match["count"]) < 1:
+        run = split_run(text)
+        if run is None or run[1] < 1:
             self.malformed.append(text)
             return []
-        label = match["label"].strip()
+        label = run[0].strip()
         if not label:
             self.empty_labels += 1
             return []
         if not self._writable(label, text):
             return []
-        return [label] * min(int(match["count"]), self.cap)
+        return [label] * min(run[1], self.cap)
 
     def label(self, text: str) -> list[str]:
         if not text:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..descriptors import prompts
+from .settings import Settings, grid_from_name
 
 VISION_PREFIX = "model.vision_tower.vision_tower."
 KEY_RULES = (  # (source pattern, target) applied in order, first match wins
@@ -75,7 +76,7 @@ def _vision_source(config: dict, root: Path, download: bool) -> Path | None:
     for candidate in (Path(tower), root / tower):
         if candidate.is_dir():
             return candidate
-    from .loading import ModelUnavailable, resolve
+    from .hub import ModelUnavailable, resolve
 
     try:
         return resolve(tower, download=download)
@@ -170,17 +171,9 @@ def convert(src: str | Path, dst: str | Path, log=print) -> Path:
     processor = CLIPImageProcessor(size={"height": size, "width": size}, do_center_crop=False,
                                    crop_size={"height": size, "width": size}, resample=2)
     processor.save_pretrained(dst)
-    grid = _grid_from_name(src.name)
-    settings = {"grid": grid or 16, "format": "rrle", "prompt_style": "llava_v1", "question_template": 0,
-                "converted_from": str(src)}
-    (dst / "text4seg.json").write_text(json.dumps(settings, indent=2) + "\n")
+    Settings(grid_from_name(src.name) or 16, "rrle", "llava_v1").write(dst, converted_from=str(src))
     log(f"converted model written to {dst}")
     return dst
-
-
-def _grid_from_name(name: str) -> int | None:
-    match = re.search(r"p(\d{2})(?!\d)", name)
-    return int(match.group(1)) if match else None
 
 
 def _load_vision_config(tower_dir: Path):

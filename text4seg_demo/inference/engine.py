@@ -14,9 +14,7 @@ answer, and work shared between questions on one image is reused:
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -24,34 +22,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..caching import LRUCache, image_key
 from ..descriptors import codec, prompts
 from ..descriptors.grammar import GrammarConstraint, ebnf, grammar_char_budget
-from .attention import SCHEMES as ATTENTION_SCHEMES
 from .attention import image_block_mask
 from .positions import AnswerPositions
-
-
-@dataclass
-class Settings:
-    """How a checkpoint speaks: its grid, its descriptor format, its prompt template, how its
-    answer tokens are positioned (:mod:`text4seg_demo.inference.positions`) and what its image tokens
-    attend to (:mod:`text4seg_demo.inference.attention`)."""
-
-    grid: int = 16
-    fmt: str = "rrle"
-    prompt_style: str = "llava_v1"
-    question_template: int = 0
-    positions: str = "natural"
-    image_attention: str = "causal"
-
-    def __post_init__(self):
-        if self.image_attention not in ATTENTION_SCHEMES:
-            raise ValueError(f"image_attention must be one of {ATTENTION_SCHEMES}, not {self.image_attention!r}")
-
-    def to_dict(self) -> dict:
-        return {"grid": self.grid, "format": self.fmt, "prompt_style": self.prompt_style,
-                "question_template": self.question_template, "positions": self.positions,
-                "image_attention": self.image_attention}
+from .settings import Settings
+from .tokens import count_tokens
 
 
 @dataclass
@@ -75,33 +52,6 @@ class StreamEvent:
     rows: list[list[str]]
     done: bool = False
     generation: Generation | None = None
-
-
-class LRUCache(OrderedDict):
-    """A small least-recently-used map for caches keyed by image content."""
-
-    def __init__(self, size: int):
-        super().__init__()
-        self.size = size
-
-    def get(self, key):
-        if key in self:
-            self.move_to_end(key)
-            return super().__getitem__(key)
-        return None
-
-    def put(self, key, value):
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.size:
-            self.popitem(last=False)
-
-
-def image_key(image: Image.Image) -> str:
-    """A content hash of an image: equal pixels, equal key."""
-    digest = hashlib.sha1(image.tobytes())
-    digest.update(f"{image.mode}{image.size}".encode())
-    return digest.hexdigest()
 
 
 def _sync(device: torch.device) -> None:
@@ -155,7 +105,7 @@ class Text4SegModel:
         alternating with ``others`` in every cell, plus the longest lead-in.
         """
         fmt, grid = fmt or self.settings.fmt, grid or self.settings.grid
-        longest = max([codec.OTHERS, *labels], key=lambda s: len(self.tokenizer(s, add_special_tokens=False)["input_ids"]))
+        longest = max([codec.OTHERS, *labels], key=self.count_tokens)
         names = [codec.OTHERS, longest] if longest != codec.OTHERS else [codec.OTHERS, "x"]
         worst = (np.indices((grid, grid)).sum(0) % 2).astype(int)
         body = codec.encode(worst, names, fmt)
@@ -318,7 +268,7 @@ class Text4SegModel:
         return Generation(text=answer, token_ids=ids, timings=timings, tokens=tokens, replayed=True)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return count_tokens(self.tokenizer, text)
 
     def clear_caches(self) -> None:
         self._features.clear()

@@ -4,100 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-from .engine import ChatTemplateModel, Settings, Text4SegModel
-from .tokens import ASSETS
+from .devices import choose_device, native_bf16
+from .engine import ChatTemplateModel, Text4SegModel
+from .hub import DEFAULT_MODEL, PRESETS, ModelUnavailable, cache_dir, resolve
+from .settings import SETTINGS_FILE, Settings, grid_from_name
 
 QUANTS = ("auto", "4bit", "8bit", "bf16", "fp16", "fp32")
-
-
-@dataclass(frozen=True)
-class Preset:
-    source: str  # a directory under assets/ or a hub id
-    settings: Settings | None  # None: read from the model's text4seg.json
-    about: str
-
-
-PRESETS = {
-    # the bundled models' settings are in their own text4seg.json
-    "tiny-rrle": Preset(str(ASSETS / "tiny-rrle"), None,
-                        "bundled tiny model, R-RLE, synthetic shapes domain (CPU, offline)"),
-    "tiny-full": Preset(str(ASSETS / "tiny-full"), None,
-                        "bundled tiny model, full-length descriptors, synthetic shapes domain (CPU, offline)"),
-    "text4seg-llava-7b-p24": Preset("lmc22/text4seg-llava-7b-p24", Settings(24, "rrle", "llava_v1"),
-                                    "the released Text4Seg LLaVA-1.5-7B checkpoint, 24 x 24 grid (GPU recommended)"),
-}
-DEFAULT_MODEL = "tiny-rrle"
-
-
-class ModelUnavailable(RuntimeError):
-    """A model that cannot be had right now; the message names it and says what to do."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TEXT4SEG_CACHE", Path.home() / ".cache" / "text4seg"))
-
-
-def resolve(name: str, download: bool = True) -> Path:
-    """A local directory for a preset, a local path or a Hugging Face hub id.
-
-    Hub downloads show progress bars; offline without a cached copy the error says what to do.
-    """
-    source = PRESETS[name].source if name in PRESETS else name
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    if name in PRESETS and source.startswith(str(ASSETS)):
-        raise ModelUnavailable(f"the bundled model {name!r} is missing from {path}; reinstall the project")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
-        raise ModelUnavailable(f"{name!r} is neither a local directory nor a Hugging Face hub id")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(source, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
-        if not download:
-            raise ModelUnavailable(f"{source} is not in the local Hugging Face cache") from None
-    try:
-        return Path(snapshot_download(source))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
-        raise ModelUnavailable(
-            f"cannot download {source}: {type(err).__name__}. Connect to the internet (or set HF_ENDPOINT to a "
-            f"mirror) and run `huggingface-cli download {source}`, pass a local directory with --model, or use "
-            f"the bundled offline model with --model {DEFAULT_MODEL}."
-        ) from None
 
 
 def infer_settings(name: str, directory: Path) -> Settings:
     """The preset's settings, else the directory's ``text4seg.json``, else guessed from the name."""
     if name in PRESETS and PRESETS[name].settings is not None:
         return PRESETS[name].settings
-    file = directory / "text4seg.json"
-    if file.is_file():
-        data = json.loads(file.read_text())
-        return Settings(data.get("grid", 16), data.get("format", "rrle"), data.get("prompt_style", "llava_v1"),
-                        data.get("question_template", 0), data.get("positions", "natural"),
-                        data.get("image_attention", "causal"))
-    match = re.search(r"p(\d{2})(?!\d)", f"{name} {directory.name}")
-    fmt = "full" if re.search(r"full", name) else "rrle"
-    return Settings(int(match.group(1)) if match else 16, fmt, "llava_v1")
-
-
-def choose_device(requested: str | None = None):
-    import torch
-
-    if requested:
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    saved = Settings.read(directory)
+    if saved is not None:
+        return saved
+    grid = grid_from_name(name) or grid_from_name(directory.name)
+    return Settings(grid or 16, "full" if "full" in name else "rrle", "llava_v1")
 
 
 def plan_precision(quant: str, device) -> tuple[str, str]:
@@ -122,13 +48,6 @@ def plan_precision(quant: str, device) -> tuple[str, str]:
                          "but several times slower")
         return "bf16", "; ".join(notes)
     return quant, ""
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX) rather than emulating it."""
-    import torch
-
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _quant_kwargs(quant: str, device) -> dict:
@@ -186,7 +105,7 @@ def load(name: str = DEFAULT_MODEL, quant: str = "auto", device: str | None = No
     settings = infer_settings(name, directory)
     if is_original_llava(directory):
         target = converted_dir(directory)
-        if not (target / "text4seg.json").is_file():
+        if not (target / SETTINGS_FILE).is_file():
             log(f"converting {name} to the transformers LLaVA layout (once) into {target}")
             convert(directory, target, log=log)
         directory = target

@@ -9,24 +9,21 @@ once the token is read. The token that must name the next label, or the length o
 starting at cell k, then sits exactly where a full-length answer about cell k would.
 
 Both the trainer and the backend call :class:`AnswerPositions`, so the two cannot disagree.
-This module imports neither torch nor numpy.
+This module imports no torch.
 """
 
 from __future__ import annotations
 
-import re
-
-from ..descriptors.codec import CLOSE_TAG, OPEN_TAG
+from ..descriptors.codec import CLOSE_TAG, OPEN_TAG, RUN_SEP, split_run
 
 SCHEMES = ("natural", "grid")
-_COUNT = re.compile(r"\*\s*(\d+)")
 
 
 def cells_covered(body: str, width: int, height: int, fmt: str) -> int:
     """How many grid cells (row-major) a partial descriptor body has finished describing."""
     if fmt == "rrle":
         rows = body.split("\n")
-        current = sum(int(n) for n in _COUNT.findall(rows[-1]))
+        current = sum(run[1] for part in rows[-1].split(RUN_SEP) if (run := split_run(part)))
         covered = (len(rows) - 1) * width + min(current, width)
     elif fmt == "full":
         covered = body.count("|") + body.count("\n")

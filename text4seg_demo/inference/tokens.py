@@ -5,7 +5,8 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
+from .hub import ASSETS
+
 LLAMA_VOCAB = ASSETS / "llama-vocab" / "ggml-vocab-llama-spm.gguf"
 ALIASES = {"llama": LLAMA_VOCAB}
 

@@ -1,4 +1,4 @@
-"""Step-indexed training batches, and the device a training run uses.
+"""Step-indexed training batches and the optimiser step every training stage shares.
 
 Batch ``k`` of a run is drawn from its own seed ``(run seed, k)``: the stream is the same with
 any number of loader workers, after a resume, and on a GPU or a CPU, so a run made on one
@@ -43,8 +43,3 @@ def descend(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor, max_no
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, max_norm)
     opt.step()
-
-
-def training_device() -> torch.device:
-    """A CUDA GPU where there is one (the tiny models train in minutes there), else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

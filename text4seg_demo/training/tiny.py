@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..descriptors import prompts
 from ..descriptors.codec import OTHERS, ROW_SEP, RUN_SEP
+from ..inference.settings import read_record, write_record
 from .synth import expressions
 
 IMAGE_SIZE, PATCH = 224, 14
@@ -98,7 +99,6 @@ def build_image_processor():
 
 def save_pretrained(model, tokenizer, out: str | Path, settings: dict) -> Path:
     """Write weights (fp16), config, tokenizer, processor and the Text4Seg settings file."""
-    import json
 
     import torch
 
@@ -107,7 +107,7 @@ def save_pretrained(model, tokenizer, out: str | Path, settings: dict) -> Path:
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)  # half the size; loaded back as fp32
     tokenizer.save_pretrained(out)
     build_image_processor().save_pretrained(out)
-    (out / "text4seg.json").write_text(json.dumps(settings, indent=2) + "\n")
+    write_record(out, settings)
     return out
 
 
@@ -165,10 +165,10 @@ def write_card(run: str | Path) -> Path:
 
     run = Path(run)
     model_dir = run / "model"
-    settings = json.loads((model_dir / "text4seg.json").read_text())
+    settings = read_record(model_dir)
     engine = load(str(model_dir), log=lambda m: None)
     settings.setdefault("metrics", {})["fixed20_grid_ciou"] = round(fixed_grid_ciou(engine), 4)
-    (model_dir / "text4seg.json").write_text(json.dumps(settings, indent=2) + "\n")
+    write_record(model_dir, settings)
     params = sum(p.numel() for p in engine.model.parameters())
     records = map(json.loads, filter(str.strip, (run / "log.jsonl").read_text().splitlines()))
     evaluations = [r for r in records if "grid_ciou" in r]  # none from a stage run with --eval-queries 0

@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..inference.devices import choose_device
+from ..inference.settings import write_record
 from ..masks import to_grid
 from . import synth, tiny
-from .steps import batches, descend, training_device
+from .steps import batches, descend
 
 COLOURS = list(synth.COLOURS)
 BACKGROUND_WEIGHT = 0.3  # most patches are background: weigh them down in the per-patch losses
@@ -159,7 +161,7 @@ def train_tower(cfg: TowerConfig, resume: bool = False, log=print) -> Path:
     if state is not None:
         cfg = TowerConfig(**{**state["config"], "steps": cfg.steps, "minutes": cfg.minutes, "out": cfg.out,
                              "workers": cfg.workers})
-    device = training_device()
+    device = choose_device()
     torch.manual_seed(cfg.seed)
     tower = tiny.build_model(tiny.build_tokenizer(tiny.training_corpus()), seed=cfg.seed).model.vision_tower
     head = PatchHead(tower.config.hidden_size)
@@ -216,5 +218,5 @@ def train_tower(cfg: TowerConfig, resume: bool = False, log=print) -> Path:
     evaluate()
     record = {**asdict(cfg), "stage": "tower", "device": device.type, "steps": step,
               "scenes": step * cfg.batch, "minutes": round((time.time() - t0) / 60, 1)}
-    (out / "text4seg.json").write_text(json.dumps({"training": record}, indent=2) + "\n")
+    write_record(out, {"training": record})
     return out

@@ -36,11 +36,12 @@ from torch import nn
 from ..descriptors import codec, prompts
 from ..evaluation.metrics import iou
 from ..inference.attention import image_block_mask
-from ..inference.loading import native_bf16
+from ..inference.devices import choose_device, native_bf16
 from ..inference.positions import AnswerPositions
+from ..inference.settings import Settings, read_record
 from ..masks import to_grid
 from . import synth, tiny
-from .steps import batches, descend, training_device
+from .steps import batches, descend
 from .tower import tower_probe
 
 PROMPT_STYLE = "question_first"
@@ -203,12 +204,16 @@ def cosine(step, warmup, total):
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+def _settings(cfg: TrainConfig) -> Settings:
+    """How a model of this run speaks, as its ``text4seg.json`` will say."""
+    return Settings(cfg.grid, cfg.fmt, PROMPT_STYLE, positions=cfg.positions, image_attention=cfg.image_attention)
+
+
 def _engine(model, tokenizer, processor, cfg: TrainConfig):
     """The model in training, wrapped for greedy answers as the app would give them."""
-    from ..inference.engine import Settings, Text4SegModel
+    from ..inference.engine import Text4SegModel
 
-    settings = Settings(cfg.grid, cfg.fmt, PROMPT_STYLE, positions=cfg.positions, image_attention=cfg.image_attention)
-    return Text4SegModel(model, tokenizer, processor, settings, cache_images=0)
+    return Text4SegModel(model, tokenizer, processor, _settings(cfg), cache_images=0)
 
 
 @torch.no_grad()
@@ -226,16 +231,9 @@ def held_out(n: int, seed: int = 10**6):
     return [synth.sample(maker, synth.KINDS[i % len(synth.KINDS)]) for i in range(n)]
 
 
-def _settings_file(source: Path) -> Path | None:
-    for path in (source / "text4seg.json", source / "model" / "text4seg.json"):
-        if path.exists():
-            return path
-    return None
-
-
 def _init_source(init: str) -> Path:
     """The directory ``--init`` names: a run, a saved model or a bundled preset."""
-    from ..inference.loading import PRESETS
+    from ..inference.hub import PRESETS
 
     return Path(PRESETS[init].source) if init in PRESETS else Path(init)
 
@@ -291,10 +289,11 @@ def _load_weights(model, weights: dict, init: str, theirs=None, ours=None) -> in
 
 def _lineage(init: str | None) -> list[dict]:
     """The training records of the runs a model's weights started from, oldest first."""
-    saved = _settings_file(_init_source(init)) if init else None
-    if saved is None:
+    source = _init_source(init) if init else None
+    saved = source and (read_record(source) or read_record(source / "model"))
+    if not saved:
         return []
-    training = json.loads(saved.read_text()).get("training", {})
+    training = saved.get("training", {})
     earlier = training.get("lineage") or _lineage(training.get("init"))
     return [*earlier, {k: v for k, v in training.items() if k != "lineage"}]
 
@@ -311,7 +310,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
                              "workers": cfg.workers})
     else:
         state = None
-    device = training_device()
+    device = choose_device()
     tokenizer = tiny.build_tokenizer(tiny.training_corpus(), label_tokens=cfg.label_tokens)
     processor = tiny.build_image_processor()
     model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed)
@@ -471,8 +470,7 @@ def export(run: str | Path) -> Path:
     run = Path(run)
     state, cfg, tokenizer, model = _load_run(run)
     curve = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
-    settings = {"grid": cfg.grid, "format": cfg.fmt, "prompt_style": PROMPT_STYLE, "question_template": 0,
-                "positions": cfg.positions, "image_attention": cfg.image_attention,
+    settings = {**_settings(cfg).to_dict(),
                 "training": {**asdict(cfg), "steps": state["step"], "minutes": round(state["elapsed"] / 60, 1),
                              "device": state.get("device", "cpu"),
                              "lineage": _lineage(cfg.init)},
