@@ -6,7 +6,7 @@ TEXT4SEG_MODEL or --model picks the model.
 
 import argparse
 
-from text4seg_demo.app.ui import build_demo, launch
+from text4seg_demo.app.layout import build_demo, launch
 
 
 def main() -> None:

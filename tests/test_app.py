@@ -10,7 +10,7 @@ import torch
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from text4seg_demo.app import ui
+from text4seg_demo.app import handlers, layout
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "synthetic" / "images" / "000007.png"  # its query: the blue square
@@ -24,9 +24,9 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def server():
-    demo = ui.build_demo("tiny-rrle")
+    demo = layout.build_demo("tiny-rrle")
     port = free_port()
-    ui.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, show_error=True, quiet=True)
+    layout.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, show_error=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
@@ -93,10 +93,10 @@ def test_out_of_memory_is_a_message(tmp_path, monkeypatch):
     def exhausted(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(ui, "segment", exhausted)
-    demo = ui.build_demo("tiny-rrle")
+    monkeypatch.setattr(handlers, "segment", exhausted)
+    demo = layout.build_demo("tiny-rrle")
     port = free_port()
-    ui.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, show_error=True, quiet=True)
+    layout.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, show_error=True, quiet=True)
     try:
         message = error_of(Client(f"http://127.0.0.1:{port}/", verbose=False), EXAMPLE, "the star")
         assert "out of memory" in message and "freed" in message

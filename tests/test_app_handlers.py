@@ -1,0 +1,58 @@
+"""The app's actions as plain Python, without a server or a browser."""
+
+from pathlib import Path
+
+import pytest
+
+from text4seg_demo.app.handlers import Demo, UserError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "synthetic" / "images" / "000007.png"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return Demo("tiny-rrle")
+
+
+def test_a_run_streams_rows_then_shows_everything(demo):
+    updates = list(demo.analyse(str(EXAMPLE), "the blue square", refine="grabcut"))
+    assert updates[0]["status"].startswith("Generating") and updates[0]["compare"] is None
+    streamed = [u for u in updates[1:-1] if "grid" in u]
+    assert len(streamed) >= 16  # the grid is redrawn as each of the 16 rows completes
+    final = updates[-1]
+    assert "well-formed" in final["status"] and "grammar on" in final["status"]  # the bundled model's default
+    picture, annotations = final["grid"]
+    assert [label for _, label in annotations] == ["the blue square"]
+    assert "grammar-constrained" in final["metrics"] and "R-RLE vs full" in final["metrics"]
+    assert {Path(f).name for f in final["downloads"]} >= {"mask_coarse.png", "mask_refined.png", "result.json"}
+    coarse, refined = final["masks"]
+    assert coarse.size == refined.size == picture.size
+
+
+def test_free_decoding_is_one_value_away(demo):
+    final = list(demo.analyse(str(EXAMPLE), "the blue square", constrained=False, refine="none"))[-1]
+    assert "grammar off" in final["status"] and "free (unconstrained)" in final["metrics"]
+
+
+def test_compare_sets_both_formats_side_by_side(demo):
+    final = list(demo.analyse(str(EXAMPLE), "the blue square", fmt_choice="Compare both", refine="none"))[-1]
+    table = final["compare"]["table"]
+    assert list(table["format"]) == ["R-RLE", "Full-length"]
+    assert table["tokens"][1] > 2 * table["tokens"][0] and (table["decode ms"] > 0).all()
+    assert "written by `tiny-full`" in final["compare"]["note"]
+
+
+def test_bad_input_ends_in_a_message_not_an_exception(demo, tmp_path):
+    assert "no image given" in list(demo.analyse(None, "the star"))[-1]["status"]
+    assert "expression is empty" in list(demo.analyse(str(EXAMPLE), "  "))[-1]["status"]
+    assert "class names" in list(demo.analyse(str(EXAMPLE), "", mode="Multi-class"))[-1]["status"]
+    (tmp_path / "fake.png").write_text("not an image")
+    assert "not a readable image" in list(demo.analyse(str(tmp_path / "fake.png"), "the star"))[-1]["status"]
+
+
+def test_the_api_answers_json_and_refuses_bad_requests_with_messages(demo):
+    result = demo.segment_api(str(EXAMPLE), "the blue square", refine="none")
+    assert result["labels"] == ["others", "the blue square"] and result["constrained"] is True
+    assert result["diagnostics"] == [] and len(result["grid"]) == 16
+    with pytest.raises(UserError, match="expression is empty"):
+        demo.segment_api(str(EXAMPLE), "")

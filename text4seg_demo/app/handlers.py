@@ -1,0 +1,313 @@
+"""What the demo does, in plain Python: run a question, stream the answer into the grid, compare
+the two formats, answer the API. Every function returns plain values (text, pictures, tables,
+dicts keyed by what the page shows), so it is tested without a browser; ``layout.py`` only
+declares the components and wires them to these."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import export, render
+from ..descriptors import codec
+from ..images import BadImage, prepare
+from ..inference.engine import StreamEvent
+from ..inference.hub import DEFAULT_MODEL, ModelUnavailable, resolve
+from ..inference.loading import load
+from ..pipeline import Request, Result, segment, segment_stream
+from ..refine import RefinerError, build_refiner
+
+FORMATS = {"R-RLE": "rrle", "Full-length": "full", "Compare both": "compare"}
+USER_ERRORS = (ValueError, BadImage, ModelUnavailable, RefinerError)
+OUT_OF_MEMORY = (MemoryError, torch.cuda.OutOfMemoryError)
+FULL_PARTNER = {"tiny-rrle": "tiny-full"}  # the model that writes full-length descriptors natively
+RRLE_PARTNER = {v: k for k, v in FULL_PARTNER.items()}
+# Grammar-constrained decoding is on by default for the bundled models: it costs them about 6% a
+# token (`text4seg bench`, `constrained`) and every answer is well formed.
+CONSTRAINED_BY_DEFAULT = frozenset(FULL_PARTNER) | frozenset(RRLE_PARTNER)
+
+
+class UserError(ValueError):
+    """A request that cannot be served as given; the message says what to do instead."""
+
+
+def constrained_default(model: str) -> bool:
+    return model in CONSTRAINED_BY_DEFAULT
+
+
+class Models:
+    """Loaded models by (name, precision); at most ``size`` kept, one load at a time."""
+
+    def __init__(self, size: int = 2):
+        self.size, self._models, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, name: str, quant: str):
+        key = (name, quant)
+        with self._lock:
+            if key not in self._models:
+                self._models[key] = load(name, quant=quant, log=lambda m: print(m, flush=True))
+                while len(self._models) > self.size:
+                    self._models.popitem(last=False)
+            self._models.move_to_end(key)
+            return self._models[key]
+
+    def drop_caches(self) -> None:
+        for engine in self._models.values():
+            engine.clear_caches()
+
+
+class Refiners:
+    def __init__(self):
+        self._built, self._lock = {}, threading.Lock()
+
+    def get(self, name: str):
+        if name == "none":
+            return None
+        with self._lock:
+            if name not in self._built:
+                self._built[name] = build_refiner(name)
+            return self._built[name]
+
+
+def choose_default(requested: str | None = None) -> tuple[str, str]:
+    """The model to start on, and a sentence saying why."""
+    requested = requested or os.environ.get("TEXT4SEG_MODEL")
+    if requested:
+        return requested, f"Running **{requested}** (chosen with TEXT4SEG_MODEL or --model)."
+    if torch.cuda.is_available():
+        try:
+            resolve("text4seg-llava-7b-p24")
+            return "text4seg-llava-7b-p24", "Running the released **Text4Seg LLaVA-1.5-7B** (24 x 24 grid) in 4-bit on the GPU."
+        except ModelUnavailable as err:
+            reason = f"the 7B checkpoint could not be had ({err})"
+    else:
+        reason = "there is no GPU"
+    return DEFAULT_MODEL, (f"Running the bundled **tiny R-RLE** model because {reason}. It knows only coloured "
+                           "shapes (try the synthetic examples); pick `text4seg-llava-7b-p24` under *Advanced* on a GPU "
+                           "machine for real photos.")
+
+
+# --------------------------------------------------------------------------- what the page shows
+
+
+def metrics_table(result: Result, peak: str) -> str:
+    t, k = result.timings, result.tokens
+    rows = [
+        ("model", f"`{result.model}`"), ("device / precision", f"{result.device} / {result.quant}"),
+        ("decoding", "grammar-constrained" if result.constrained else "free (unconstrained)"),
+        ("generated tokens", k["generated"]),
+        ("descriptor tokens, R-RLE vs full", f"{k['rrle']} vs {k['full']} ({k['reduction']:.0%} fewer with R-RLE)"),
+        ("time to first token", f"{t.get('ttft', 0):.3f} s"), ("decode", f"{t.get('decode', 0):.3f} s"),
+        ("tokens / s", k.get("per_second", "–")),
+        ("refine", f"{t['refine']:.3f} s ({result.refine.get('refiner')})" if "refine" in t else "–"),
+        ("total", f"{t.get('total', 0):.3f} s"), ("peak memory", peak),
+    ]
+    text = "| | |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+    if result.diagnostics:
+        text += "\n\n**The answer was repaired:** " + "; ".join(d.message for d in result.diagnostics)
+    if result.notes:
+        text += "\n\n" + " ".join(f"_{n}._" for n in result.notes)
+    return text
+
+
+def peak_memory() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (GPU)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process)"
+
+
+def status_line(result: Result) -> str:
+    fg = int((result.grid > 0).sum())
+    state = "⚠️ repaired answer" if result.diagnostics else "✅ well-formed answer"
+    grammar = "grammar on" if result.constrained else "grammar off"
+    return f"{state} ({grammar}) · {fg} of {result.grid.size} patches labelled · {result.timings.get('total', 0):.2f} s"
+
+
+def write_downloads(result: Result, root: Path) -> list[str]:
+    """Mask PNGs, COCO RLE JSON, descriptor text and metrics JSON for one result."""
+    root.mkdir(parents=True, exist_ok=True)
+    files = [export.save_binary_png(result.coarse > 0, root / "mask_coarse.png")]
+    if result.refined is not None:
+        files.append(export.save_binary_png(result.refined > 0, root / "mask_refined.png"))
+    final = result.refined if result.refined is not None else result.coarse
+    (root / "mask_coco_rle.json").write_text(json.dumps(export.coco_json(final, result.labels)))
+    (root / "descriptors.txt").write_text(result.text)
+    (root / "result.json").write_text(json.dumps(result.to_json(), indent=2))
+    files += [root / "mask_coco_rle.json", root / "descriptors.txt", root / "result.json"]
+    return [str(f) for f in files]
+
+
+def _sweep(root: Path, age_s: float = 900) -> None:
+    """Delete result folders older than ``age_s``: nothing a user sent is kept for long."""
+    now = time.time()
+    for child in root.iterdir() if root.exists() else []:
+        if now - child.stat().st_mtime > age_s:
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def partial_grid(rows: list[list[str]], labels: list[str], size: int) -> np.ndarray:
+    """The rows written so far as label ids on a ``size x size`` grid; the rest is background."""
+    grid = np.zeros((size, size), dtype=np.int32)
+    for r, row in enumerate(rows[:size]):
+        grid[r, : len(row[:size])] = [labels.index(c) if c in labels else 0 for c in row[:size]]
+    return grid
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+class Demo:
+    """The app's state (loaded models and refiners, a scratch folder for downloads) and its actions."""
+
+    def __init__(self, default_model: str | None = None):
+        self.model_name, self.model_note = choose_default(default_model)
+        self.models, self.refiners = Models(), Refiners()
+        try:  # load at start-up (on ZeroGPU too), so the first request does not wait for it
+            self.models.get(self.model_name, "auto")
+        except (ModelUnavailable, OSError, RuntimeError, ValueError) as err:
+            self.model_note += (f"\n\n⚠️ {self.model_name} could not be loaded: {err}. "
+                                "Pick another model under *Advanced*.")
+        self.scratch = Path(tempfile.mkdtemp(prefix="text4seg-results-"))
+
+    def request(self, expression: str | None, mode: str, classes: str | None, fmt: str | None, grid, constrained,
+                points, seed, max_new, model: str) -> Request:
+        """A validated request from the page's or the API's values; bad values raise with a message."""
+        class_list = [c.strip() for c in (classes or "").replace("|", ",").split(",") if c.strip()]
+        if mode == "Multi-class" and not class_list:
+            raise UserError("multi-class mode needs class names, e.g. 'cat, grass, sky'")
+        request = Request(expression=(expression or "").strip(), classes=class_list if mode == "Multi-class" else None,
+                          fmt=fmt, grid=int(grid) if grid else None,
+                          constrained=constrained_default(model) if constrained is None else bool(constrained),
+                          max_new_tokens=int(max_new) if max_new else None, sam_points=int(points), seed=int(seed))
+        request.labels()  # validates, with a message for people
+        return request
+
+    def _out_of_memory(self, err) -> str:
+        """Free what can be freed and say what to try instead."""
+        self.models.drop_caches()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return (f"out of memory ({type(err).__name__}); memory was freed. Try a smaller image, 4-bit precision "
+                "or the tiny model")
+
+    def _run(self, engine, image, request, refiner) -> Result:
+        try:
+            return segment(engine, image, request, refiner)
+        except OUT_OF_MEMORY as err:
+            raise UserError(self._out_of_memory(err)) from None
+
+    def analyse(self, image_path, expression, mode="Referring", classes="", name=None, quant="auto",
+                fmt_choice="R-RLE", grid=None, constrained=None, refine="auto", points=10, seed=0,
+                max_new=None) -> Iterator[dict]:
+        """The page's run: dicts of what changed, keyed by what the page shows (``status``,
+        ``answer``, ``grid``, ``colours``, ``masks``, ``metrics``, ``downloads``, ``compare``).
+        The answer streams into the grid row by row; bad input ends with a ``status`` message."""
+        name = name or self.model_name
+        fmt = FORMATS.get(fmt_choice, "rrle")
+        if fmt == "compare":  # R-RLE first, by the R-RLE sibling of a full-length model
+            name = RRLE_PARTNER.get(name, name)
+        try:
+            image, notes = prepare(image_path)
+            request = self.request(expression, mode, classes, "rrle" if fmt == "compare" else fmt, grid, constrained,
+                                   points, seed, max_new, name)
+            engine = self.models.get(name, quant)
+            refiner = self.refiners.get(refine)
+        except USER_ERRORS as err:
+            yield {"status": f"⚠️ {err}"}
+            return
+        except (OSError, RuntimeError) as err:
+            yield {"status": f"⚠️ could not load what was asked for: {err}. Pick another model or refiner."}
+            return
+        yield {"status": "Generating…" + (" " + "; ".join(notes) if notes else ""), "compare": None}
+        result, rows_shown = None, -1
+        labels = [codec.OTHERS, *request.labels()]
+        size = request.grid or engine.settings.grid
+        try:
+            for item in segment_stream(engine, image, request, refiner):
+                if isinstance(item, StreamEvent) and not item.done:
+                    update = {"answer": render.highlight(item.text, labels)}
+                    if len(item.rows) != rows_shown:  # redraw the grid only when a row completes
+                        rows_shown = len(item.rows)
+                        update["grid"] = render.grid_view(image, partial_grid(item.rows, labels, size), labels,
+                                                          rows_done=rows_shown)
+                    yield update
+                elif isinstance(item, Result):
+                    result = item
+        except OUT_OF_MEMORY as err:
+            yield {"status": f"⚠️ {self._out_of_memory(err)}."}
+            return
+        except USER_ERRORS as err:
+            yield {"status": f"⚠️ {err}"}
+            return
+        result.notes[:0] = notes
+        _sweep(self.scratch)
+        final = {
+            "status": status_line(result), "colours": render.colour_map(result.labels),
+            "answer": render.highlight(result.text, result.labels),
+            "grid": render.grid_view(image, result.grid, result.labels),
+            "masks": (render.overlay(image, result.coarse),
+                      render.overlay(image, result.refined if result.refined is not None else result.coarse)),
+            "metrics": metrics_table(result, peak_memory()),
+            "downloads": write_downloads(result, self.scratch / f"{time.time_ns()}"),
+        }
+        if fmt == "compare":
+            try:
+                final["compare"] = self.compare(engine, name, quant, image, request, result)
+            except USER_ERRORS as err:
+                final["status"] += f" · ⚠️ the full-length side failed: {err}"
+        yield final
+
+    def compare(self, engine, name, quant, image, request, rrle_result) -> dict:
+        """The same input written as full-length descriptors: by the full-length model where one
+        exists, else by replaying the full-length text of this grid through this model. Returns
+        the full-length grid view, a sentence, and a table of tokens and decode milliseconds."""
+        partner = FULL_PARTNER.get(name)
+        request = Request(**{**request.__dict__, "fmt": "full"})
+        if partner:
+            full = self._run(self.models.get(partner, quant), image, request, None)
+            side, how = full, f"written by `{partner}`"
+            full_tokens, full_decode = full.tokens["generated"], full.timings["decode"]
+        else:
+            question = engine.question(request.labels()[0], request.classes)
+            answer_text = codec.wrap(codec.encode(rrle_result.grid, rrle_result.labels, "full"), "Sure:")
+            replay = engine.replay(image, question, answer_text)
+            side, how = rrle_result, "**replayed**: the full-length text of this grid force-decoded through the model"
+            full_tokens, full_decode = replay.tokens["generated"], replay.timings["decode"]
+        rows = [("R-RLE", rrle_result.tokens["generated"], rrle_result.timings["decode"]),
+                ("Full-length", full_tokens, full_decode)]
+        table = pd.DataFrame([(f, t, round(s * 1000, 1)) for f, t, s in rows],
+                             columns=["format", "tokens", "decode ms"])
+        return {"grid": render.grid_view(image, side.grid, side.labels),
+                "note": f"Full-length side {how}. R-RLE used {1 - rows[0][1] / max(1, rows[1][1]):.0%} fewer "
+                        f"tokens and decoded {rows[1][2] / max(rows[0][2], 1e-9):.1f}x faster.",
+                "table": table}
+
+    def segment_api(self, image_file, expression: str, classes: str = "", fmt: str = "",
+                    constrained: bool | None = None, refine: str = "auto", points: int = 10, seed: int = 0,
+                    max_new_tokens: int = 0, model: str = "", quant: str = "auto") -> dict:
+        """The ``segment`` API: the same JSON as ``text4seg segment --json``; a request that cannot
+        be served raises :class:`UserError` with what to do."""
+        name = model or self.model_name
+        try:
+            image, notes = prepare(image_file)
+            request = self.request(expression, "Multi-class" if classes else "Referring", classes, fmt or None, None,
+                                   constrained, points, seed, max_new_tokens, name)
+            result = self._run(self.models.get(name, quant), image, request, self.refiners.get(refine))
+        except USER_ERRORS as err:
+            raise UserError(str(err)) from None
+        result.notes[:0] = notes
+        return result.to_json()

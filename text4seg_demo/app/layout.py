@@ -1,0 +1,168 @@
+"""The Gradio page: input on the left, the model's patch grid in the middle, the refined mask on
+the right, and everything measured on the way. Components and wiring only; what each action
+does lives in ``handlers.py``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+from gradio.data_classes import FileData
+
+from ..evaluation.manifest import read_manifest
+from ..inference.hub import PRESETS
+from ..inference.loading import QUANTS
+from ..refine import REFINERS
+from .handlers import FORMATS, Demo, UserError, constrained_default
+
+PAPER = "https://arxiv.org/abs/2410.09855"
+CSS = """
+#answer { max-height: 280px; overflow-y: auto; }
+#metrics table { font-size: 0.9em; }
+"""
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+try:  # Hugging Face ZeroGPU: a GPU is attached only inside functions marked with spaces.GPU
+    import spaces
+
+    on_gpu = spaces.GPU(duration=120)
+except ImportError:
+    def on_gpu(fn):
+        return fn
+
+
+def build_demo(default_model: str | None = None) -> gr.Blocks:
+    demo_state = Demo(default_model)
+
+    with gr.Blocks(title="Text4Seg demo", delete_cache=(600, 900)) as demo:
+        gr.Markdown(
+            "# Text4Seg: segmentation by writing text\n"
+            f"A multimodal LLM answers *where is X?* with **one label per image patch**, compressed row by row "
+            f"(R-RLE); SAM-style refinement then sharpens that coarse patch mask into a pixel mask. "
+            f"[Paper]({PAPER}) · Left: your input · middle: the model's raw patch grid · right: the refined mask.\n\n"
+            + demo_state.model_note)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=300):
+                image_in = gr.Image(label="Image", type="filepath", image_mode=None,
+                                    sources=["upload", "clipboard", "webcam"], height=300)
+                mode = gr.Radio(["Referring", "Multi-class"], value="Referring", label="Question")
+                expression = gr.Textbox(label="Referring expression", placeholder="e.g. the red circle", max_lines=1)
+                classes = gr.Textbox(label="Classes (multi-class mode)", placeholder="cat, grass, sky", visible=False)
+                constrained = gr.Checkbox(value=constrained_default(demo_state.model_name),
+                                          label="Grammar-constrained decoding (always well formed; untick to see "
+                                                "the model's raw behaviour)")
+                run = gr.Button("Segment", variant="primary", elem_id="run")
+                with gr.Accordion("Advanced", open=False):
+                    model_in = gr.Dropdown(list(dict.fromkeys([demo_state.model_name, *PRESETS])),
+                                           value=demo_state.model_name, allow_custom_value=True,
+                                           label="Model (preset, hub id or directory)")
+                    quant = gr.Dropdown(list(QUANTS), value="auto", label="Precision")
+                    fmt_in = gr.Radio(list(FORMATS), value="R-RLE", label="Descriptor format")
+                    grid_in = gr.Number(value=None, precision=0, label="Grid size (empty: the model's own)")
+                    refine = gr.Dropdown([r for r in REFINERS], value="auto", label="Refiner")
+                    points = gr.Slider(1, 30, value=10, step=1, label="SAM points per side")
+                    seed = gr.Number(value=0, precision=0, label="Seed")
+                    max_new = gr.Number(value=None, precision=0, label="Max new tokens (empty: worst case)")
+            with gr.Column(scale=1, min_width=300):
+                answer = gr.HighlightedText(label="Raw answer (labels colour-linked to the grid)",
+                                            combine_adjacent=False, show_legend=True, elem_id="answer")
+                grid_view = gr.AnnotatedImage(label="Patch grid (hover a patch for its label)", elem_id="grid")
+            with gr.Column(scale=1, min_width=300):
+                masks = gr.ImageSlider(label="Coarse ⟷ refined mask (drag to compare)", type="pil", elem_id="refined")
+                status = gr.Markdown(elem_id="status")
+                metrics = gr.Markdown(elem_id="metrics")
+                downloads = gr.File(label="Downloads", file_count="multiple", elem_id="downloads")
+        with gr.Group(visible=False) as compare_box:
+            gr.Markdown("### R-RLE vs full-length on this input")
+            with gr.Row():
+                compare_grid = gr.AnnotatedImage(label="Full-length descriptors")
+                with gr.Column():
+                    compare_note = gr.Markdown()
+                    compare_table = gr.Dataframe(interactive=False)
+                    with gr.Row():
+                        tokens_chart = gr.BarPlot(x="format", y="tokens", color="format", title="Generated tokens")
+                        time_chart = gr.BarPlot(x="format", y="decode ms", color="format", title="Decode time (ms)")
+        synthetic = read_manifest(EXAMPLES / "synthetic")
+        gr.Examples([[str(q.image), q.expression] for q in synthetic], [image_in, expression],
+                    label="Synthetic scenes (the domain of the bundled tiny models; never trained on)")
+        photos = sorted((EXAMPLES / "photos").glob("*.jpg"))
+        if photos:
+            gr.Examples([[str(p), _example_expression(p)] for p in photos], [image_in, expression],
+                        label="Photos (for the released 7B checkpoint)")
+
+        def shown(update: dict) -> dict:
+            """A handler's plain update as component updates."""
+            out = {}
+            colours = update.get("colours")
+            for key, component in (("status", status), ("metrics", metrics), ("masks", masks),
+                                   ("downloads", downloads)):
+                if key in update:
+                    out[component] = update[key]
+            for key, component in (("answer", answer), ("grid", grid_view)):
+                if key in update:
+                    out[component] = gr.update(value=update[key], color_map=colours) if colours else update[key]
+            if "compare" in update:
+                side = update["compare"]
+                out[compare_box] = gr.update(visible=side is not None)
+                if side is not None:
+                    top = lambda column: [0, max(1.0, float(side["table"][column].max()) * 1.15)]  # noqa: E731
+                    out.update({compare_grid: side["grid"], compare_note: side["note"], compare_table: side["table"],
+                                tokens_chart: gr.update(value=side["table"], y_lim=top("tokens")),
+                                time_chart: gr.update(value=side["table"], y_lim=top("decode ms"))})
+            return out
+
+        def analyse(*values):
+            for update in demo_state.analyse(*values):
+                yield shown(update)
+
+        def segment(image: FileData, expression: str, classes: str = "", fmt: str = "",
+                    constrained: bool | None = None, refine: str = "auto", points: int = 10, seed: int = 0,
+                    max_new_tokens: int = 0, model: str = "", quant: str = "auto") -> dict:
+            """Segment what a referring expression names in an image, by a Text4Seg model writing one
+            label per image patch; returns the grid, labels, answer text, token counts and timings.
+
+            Args:
+                image: the picture (PNG, JPEG or WebP)
+                expression: what to segment, e.g. "the red circle"
+                classes: comma-separated class names for a multi-class question instead
+                fmt: descriptor format, "rrle" or "full" (empty: the model's own)
+                constrained: grammar-constrained decoding (empty: on for the bundled models)
+                refine: none, auto, grabcut, sam, sam-vit_l, sam-vit_b or sam-lite
+                points: SAM point prompts per side
+                seed: seed of the SAM point sampling
+                max_new_tokens: answer budget (0: the worst case for the grid)
+                model: a preset name (empty: the app's model)
+                quant: auto, 4bit, 8bit, bf16, fp16 or fp32
+            """
+            path = image.get("path") if isinstance(image, dict) else image  # FileData arrives as its dict
+            try:
+                return demo_state.segment_api(path, expression, classes, fmt, constrained, refine, points, seed,
+                                              max_new_tokens, model, quant)
+            except UserError as err:
+                raise gr.Error(str(err)) from None
+
+        inputs = [image_in, expression, mode, classes, model_in, quant, fmt_in, grid_in, constrained, refine, points,
+                  seed, max_new]
+        outputs = [status, answer, grid_view, masks, metrics, downloads, compare_box, compare_grid, compare_note,
+                   compare_table, tokens_chart, time_chart]
+        analyse = on_gpu(analyse)
+        mode.change(lambda m: (gr.update(visible=m == "Multi-class"), gr.update(visible=m == "Referring")), mode,
+                    [classes, expression], api_visibility="private")
+        model_in.change(lambda m: gr.update(value=constrained_default(m)), model_in, constrained,
+                        api_visibility="private")
+        run.click(analyse, inputs, outputs, api_visibility="private")
+        expression.submit(analyse, inputs, outputs, api_visibility="private")
+        gr.api(on_gpu(segment), api_name="segment")
+    demo.queue(default_concurrency_limit=1, max_size=64)
+    return demo
+
+
+def launch(demo: gr.Blocks, **kwargs):
+    """Start the server with the demo's styling (Gradio 6 takes CSS at launch)."""
+    return demo.launch(css=CSS, **kwargs)
+
+
+def _example_expression(path: Path) -> str:
+    side = path.with_suffix(".txt")
+    return side.read_text().strip() if side.is_file() else ""
