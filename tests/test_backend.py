@@ -10,10 +10,11 @@ from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
 from text4seg_demo.descriptors import codec
-from text4seg_demo.inference import loading
+from text4seg_demo.inference import devices
 from text4seg_demo.inference.convert import convert
+from text4seg_demo.inference.devices import plan_precision
 from text4seg_demo.inference.hub import ModelUnavailable, resolve
-from text4seg_demo.inference.loading import load, plan_precision
+from text4seg_demo.inference.loading import load
 
 LABEL = "white horse"
 
@@ -110,10 +111,10 @@ def test_precision_fallbacks_explain_themselves(monkeypatch):
     assert plan_precision("auto", torch.device("cuda")) == ("4bit", "")
     assert plan_precision("8bit", cpu) == ("fp32", "bitsandbytes 8-bit needs CUDA; 4-bit works on CPU")
     assert plan_precision("4bit", mps) == ("fp16", "bitsandbytes has no 4bit kernels for Apple MPS")
-    monkeypatch.setattr(loading, "native_bf16", lambda: True)
+    monkeypatch.setattr(devices, "native_bf16", lambda: True)
     assert plan_precision("fp16", cpu) == ("bf16", "fp16 matrix products are slow or missing on CPU")
     assert plan_precision("bf16", cpu) == ("bf16", "")
-    monkeypatch.setattr(loading, "native_bf16", lambda: False)
+    monkeypatch.setattr(devices, "native_bf16", lambda: False)
     assert plan_precision("bf16", cpu)[1].startswith("this CPU has no bf16 instructions, so bf16 is emulated")
     assert plan_precision("fp16", cpu)[1].count(";") == 1
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed

@@ -32,6 +32,36 @@ def test_batches_are_the_same_with_any_number_of_workers():
     assert not torch.equal(next(iter(steps.batches(make, 4, 5, 9))), alone[0])
 
 
+def test_a_run_counts_steps_checkpoints_on_its_clock_and_resumes_where_it_stopped(tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(steps.time, "time", lambda: clock[0])
+
+    def make(numpy_rng, python_rng):
+        return numpy_rng.random()
+
+    run, saved = steps.Run(tmp_path), []
+
+    def checkpoint():
+        run.save(config={"seen": len(saved)})
+        run.record({"checkpoint": len(saved)}, log=lambda line: None)
+        saved.append(run.step)
+
+    seen = []
+    for batch in run.batches(make, seed=1, stop=None, workers=0, minutes=5, eval_every_min=2, checkpoint=checkpoint):
+        seen.append(batch)
+        clock[0] += 60  # each step takes a minute
+    assert len(seen) == 5 and run.step == 5 and saved == [2, 4, 5]  # every 2 minutes, and at the end
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == saved and records[-1]["minutes"] == 5.0
+
+    again = steps.Run(tmp_path, resume=True)
+    assert again.step == 5 and again.minutes() == 5.0 and again.state["config"] == {"seen": 2}
+    more = list(again.batches(make, seed=1, stop=7, workers=0, minutes=None, eval_every_min=60,
+                              checkpoint=lambda: None))
+    assert more == list(steps.batches(make, 1, 5, 7)) and again.step == 7  # the same stream, continued
+    assert steps.Run(tmp_path).step == 0  # without resume, a run starts afresh
+
+
 def test_a_few_tower_steps_reduce_both_losses():
     torch.manual_seed(0)
     model = tiny.build_model(tiny.build_tokenizer(tiny.training_corpus()), vision_hidden=64, vision_layers=1)

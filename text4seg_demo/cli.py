@@ -173,16 +173,6 @@ def cmd_train_tiny(args) -> int:
     from .training.train import TrainConfig, train
 
     torch.set_num_threads(args.threads)
-    if args.probe:
-        from .training.train import probe
-
-        print(json.dumps(probe(args.out)))
-        return 0
-    if args.card:
-        from .training.tiny import write_card
-
-        print(f"model card written to {write_card(args.out) / 'README.md'}", file=sys.stderr)
-        return 0
     if args.stage == "tower":
         from .training.tower import TowerConfig, train_tower
 
@@ -203,6 +193,20 @@ def cmd_train_tiny(args) -> int:
                       bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
     path = train(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"model written to {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from .training.train import probe
+
+    print(json.dumps(probe(args.run)))
+    return 0
+
+
+def cmd_card(args) -> int:
+    from .training.tiny import write_card
+
+    print(f"model card written to {write_card(args.run) / 'README.md'}", file=sys.stderr)
     return 0
 
 
@@ -242,15 +246,25 @@ def _refine_options(p: argparse.ArgumentParser) -> None:
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny-rrle",
-                   help="preset (tiny-rrle, tiny-full, text4seg-llava-7b-p24), hub id or local directory")
-    p.add_argument("--quant", default="auto", choices=("auto", "4bit", "8bit", "bf16", "fp16", "fp32"),
+    from .inference.devices import QUANTS
+    from .inference.hub import DEFAULT_MODEL, PRESETS
+
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"preset ({', '.join(PRESETS)}), hub id or local directory")
+    p.add_argument("--quant", default="auto", choices=QUANTS,
                    help="auto: 4-bit nf4 on CUDA, full precision on CPU")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--adapter", help="a PEFT LoRA adapter directory to merge into the model")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .descriptors import codec
+    from .inference.attention import SCHEMES as ATTENTION_SCHEMES
+    from .inference.positions import FORMATS as POSITION_FORMATS
+    from .inference.positions import SCHEMES as POSITION_SCHEMES
+    from .training.synth import KINDS, SPLITS
+    from .training.tiny import LABEL_TOKENS
+
     parser = argparse.ArgumentParser(prog="text4seg", description="Text4Seg: segmentation as text generation.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -261,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc = desc_cmds.add_parser("encode", help="mask PNG(s) -> descriptor body")
     enc.add_argument("masks", nargs="+", type=Path, help="mask images; a pixel > 0 is the target")
     enc.add_argument("--grid", type=_grid, default=16, help="patches per side (default 16)")
-    enc.add_argument("--format", choices=("rrle", "full", "irle"), default="rrle")
+    enc.add_argument("--format", choices=codec.FORMATS, default="rrle")
     enc.add_argument("--label", required=True, help="the target's label, e.g. the referring expression")
     enc.add_argument("--wrap", action="store_true", help="wrap the body in <seg>...</seg>")
     enc.add_argument("--jsonl", action="store_true", help='one JSON line per mask: {"mask", "text"[, "tokens"]}')
@@ -270,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dec = desc_cmds.add_parser("decode", help="answer or body on stdin -> JSON grid, labels, diagnostics")
     dec.add_argument("--grid", type=_grid, default=16, help="patches per side (default 16)")
-    dec.add_argument("--format", choices=("rrle", "full", "irle"), default="rrle")
-    dec.add_argument("--repair", choices=("reference", "rows"), default="reference",
+    dec.add_argument("--format", choices=codec.FORMATS, default="rrle")
+    dec.add_argument("--repair", choices=codec.REPAIRS, default="reference",
                      help="how to repair bad row lengths: like the reference evaluator, or row by row")
     dec.add_argument("--out", type=Path, help="also write the binary mask as a PNG")
     dec.add_argument("--size", type=_size, help="size of --out as WIDTHxHEIGHT (default: the grid)")
@@ -284,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--classes", nargs="+", help="multi-class question instead: the class names")
     _model_options(seg)
     seg.add_argument("--grid", type=_grid, help="override the model's grid size")
-    seg.add_argument("--format", choices=("rrle", "full", "irle"), help="override the model's descriptor format")
+    seg.add_argument("--format", choices=codec.FORMATS, help="override the model's descriptor format")
     seg.add_argument("--constrained", action="store_true", help="grammar-constrained decoding: always well formed")
     seg.add_argument("--max-new-tokens", type=int, help="default: the worst case for the grid and labels")
     _refine_options(seg)
@@ -299,19 +313,17 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--n-images", type=int, default=500)
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--queries-per-image", type=int, default=2)
-    syn.add_argument("--split", choices=("domain", "shifted"), default="domain",
+    syn.add_argument("--split", choices=list(SPLITS), default="domain",
                      help="domain: the stated domain the models train on; shifted: other ranges inside it "
                           "(bold textures, small shapes, crowded scenes), never trained on")
     syn.set_defaults(func=cmd_synth)
-
-    from .training.synth import KINDS
 
     tt = commands.add_parser("train-tiny", help="train a tiny Text4Seg model from scratch on the synthetic domain")
     tt.add_argument("--out", type=Path, required=True, help="run directory (checkpoint, log.jsonl, model/)")
     tt.add_argument("--stage", choices=("llava", "tower"), default="llava",
                     help="tower: first teach the vision tower shape kinds and colours per patch "
                          "(dense labels); llava: train the whole model to write descriptors (default)")
-    tt.add_argument("--format", choices=("rrle", "full"), default="rrle")
+    tt.add_argument("--format", choices=POSITION_FORMATS, default="rrle")
     tt.add_argument("--grid", type=_grid, default=16)
     tt.add_argument("--steps", type=int, help="stop after this many optimiser steps (default: 2800 tower; "
                                               "llava: none); steps, unlike minutes, mean the same on any machine")
@@ -325,11 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--eval-queries", type=int, default=48,
                     help="held-out queries of each evaluation of a llava stage (0: none)")
     tt.add_argument("--threads", type=int, default=2)
-    tt.add_argument("--positions", choices=("natural", "grid"), default="grid",
+    tt.add_argument("--positions", choices=POSITION_SCHEMES, default="grid",
                     help="answer position ids: natural, or grid (each descriptor token placed at its image cell)")
-    tt.add_argument("--label-tokens", choices=("whole", "words"), default="words",
+    tt.add_argument("--label-tokens", choices=LABEL_TOKENS, default="words",
                     help="expressions in the tokenizer: words shared by every expression, or each one whole token")
-    tt.add_argument("--image-attention", choices=("causal", "bidirectional"), default="bidirectional",
+    tt.add_argument("--image-attention", choices=ATTENTION_SCHEMES, default="bidirectional",
                     help="bidirectional: the image tokens see the whole image, not only the patches before them")
     tt.add_argument("--contrast", action=argparse.BooleanOptionalAction, default=True,
                     help="pair each query with another of its kind on the same image that has other targets "
@@ -347,11 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--init", type=Path, help="start from another run's checkpoint: a tower stage, or a LLaVA stage (e.g. R-RLE after full-length)")
     tt.add_argument("--freeze-tower", action="store_true",
                     help="keep the vision tower fixed (after --init from a tower stage, so its shape kinds survive)")
-    tt.add_argument("--card", action="store_true", help="only (re)write OUT/model's card and fixed-query metric")
-    tt.add_argument("--probe", action="store_true",
-                    help="only report where OUT's checkpoint grounds (training heads, teacher-forced) "
-                         "and what its vision tower tells apart (linear probes)")
     tt.set_defaults(func=cmd_train_tiny)
+
+    pr = commands.add_parser("probe", help="where a training run's checkpoint grounds (training heads, teacher-forced) "
+                                           "and what its vision tower tells apart (linear probes), as JSON")
+    pr.add_argument("run", type=Path, help="a train-tiny run directory")
+    pr.set_defaults(func=cmd_probe)
+
+    ca = commands.add_parser("card", help="(re)write a finished run's model card and fixed-query metric")
+    ca.add_argument("run", type=Path, help="a train-tiny run directory with model/")
+    ca.set_defaults(func=cmd_card)
 
     ev = commands.add_parser("eval", help="score a model on a manifest (cIoU, gIoU, grid cIoU, malformed rate)")
     ev.add_argument("--data", type=Path, required=True, help="directory with manifest.jsonl")

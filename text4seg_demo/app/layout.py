@@ -10,8 +10,8 @@ import gradio as gr
 from gradio.data_classes import FileData
 
 from ..evaluation.manifest import read_manifest
+from ..inference.devices import QUANTS
 from ..inference.hub import PRESETS
-from ..inference.loading import QUANTS
 from ..refine import REFINERS
 from .handlers import FORMATS, Demo, UserError, constrained_default
 

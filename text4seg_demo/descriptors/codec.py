@@ -24,6 +24,7 @@ import numpy as np
 
 OTHERS = "others"
 FORMATS = ("rrle", "full", "irle")
+REPAIRS = ("reference", "rows")  # how parse_answer mends a malformed answer
 OPEN_TAG, CLOSE_TAG = "<seg>", "</seg>"
 RUN_SEP, ROW_SEP, COUNT_SEP = "| ", "\n ", " *"
 
@@ -303,7 +304,7 @@ def parse_answer(
     width = height if width is None else width
     if fmt not in FORMATS:
         raise ValueError(f"unknown descriptor format {fmt!r}; expected one of {FORMATS}")
-    if repair not in ("reference", "rows"):
+    if repair not in REPAIRS:
         raise ValueError(f"unknown repair {repair!r}; expected 'reference' or 'rows'")
     total = height * width
     if not isinstance(text, str):

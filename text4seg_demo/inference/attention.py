@@ -15,7 +15,10 @@ Both the trainer and the backend build the mask here, so the two cannot disagree
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch loads only when a mask is built: the scheme names stay cheap to import
+    import torch
 
 SCHEMES = ("causal", "bidirectional")
 
@@ -26,6 +29,8 @@ def image_block_mask(length: int, image_starts: list[int], image_tokens: int, dt
     tokens from each row's ``image_starts`` entry attend to one another in both directions.
 
     Right padding needs nothing more: real tokens never reach the pads after them."""
+    import torch
+
     position = torch.arange(length, device=device)
     allowed = (position[None, :] <= position[:, None]).expand(len(image_starts), length, length).clone()
     for row, start in enumerate(image_starts):

@@ -1,6 +1,9 @@
-"""Which device a model runs or trains on, and what the CPU can compute natively."""
+"""Which device a model runs or trains on, the precision it is served in there, and what the
+CPU computes natively."""
 
 from __future__ import annotations
+
+QUANTS = ("auto", "4bit", "8bit", "bf16", "fp16", "fp32")
 
 
 def choose_device(requested: str | None = None):
@@ -20,3 +23,27 @@ def native_bf16() -> bool:
     import torch
 
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def plan_precision(quant: str, device) -> tuple[str, str]:
+    """What can actually be served for ``quant`` on ``device``, and a note when it differs."""
+    if quant not in QUANTS:
+        raise ValueError(f"unknown --quant {quant!r}; expected one of {QUANTS}")
+    if quant == "auto":
+        return ("4bit", "") if device.type == "cuda" else ("fp16" if device.type == "mps" else "fp32", "")
+    if quant in ("4bit", "8bit"):
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            return "fp32" if device.type == "cpu" else "fp16", f"{quant} needs bitsandbytes (pip install bitsandbytes)"
+        if device.type == "mps":
+            return "fp16", f"bitsandbytes has no {quant} kernels for Apple MPS"
+        if quant == "8bit" and device.type == "cpu":
+            return "fp32", "bitsandbytes 8-bit needs CUDA; 4-bit works on CPU"
+    if device.type == "cpu" and quant in ("fp16", "bf16"):
+        notes = ["fp16 matrix products are slow or missing on CPU"] if quant == "fp16" else []
+        if not native_bf16():
+            notes.append("this CPU has no bf16 instructions, so bf16 is emulated: half the memory of fp32, "
+                         "but several times slower")
+        return "bf16", "; ".join(notes)
+    return quant, ""

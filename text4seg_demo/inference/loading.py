@@ -7,12 +7,10 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from .devices import choose_device, native_bf16
+from .devices import choose_device, plan_precision
 from .engine import ChatTemplateModel, Text4SegModel
 from .hub import DEFAULT_MODEL, PRESETS, ModelUnavailable, cache_dir, resolve
 from .settings import SETTINGS_FILE, Settings, grid_from_name
-
-QUANTS = ("auto", "4bit", "8bit", "bf16", "fp16", "fp32")
 
 
 def infer_settings(name: str, directory: Path) -> Settings:
@@ -24,30 +22,6 @@ def infer_settings(name: str, directory: Path) -> Settings:
         return saved
     grid = grid_from_name(name) or grid_from_name(directory.name)
     return Settings(grid or 16, "full" if "full" in name else "rrle", "llava_v1")
-
-
-def plan_precision(quant: str, device) -> tuple[str, str]:
-    """What can actually be served for ``quant`` on ``device``, and a note when it differs."""
-    if quant not in QUANTS:
-        raise ValueError(f"unknown --quant {quant!r}; expected one of {QUANTS}")
-    if quant == "auto":
-        return ("4bit", "") if device.type == "cuda" else ("fp16" if device.type == "mps" else "fp32", "")
-    if quant in ("4bit", "8bit"):
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            return "fp32" if device.type == "cpu" else "fp16", f"{quant} needs bitsandbytes (pip install bitsandbytes)"
-        if device.type == "mps":
-            return "fp16", f"bitsandbytes has no {quant} kernels for Apple MPS"
-        if quant == "8bit" and device.type == "cpu":
-            return "fp32", "bitsandbytes 8-bit needs CUDA; 4-bit works on CPU"
-    if device.type == "cpu" and quant in ("fp16", "bf16"):
-        notes = ["fp16 matrix products are slow or missing on CPU"] if quant == "fp16" else []
-        if not native_bf16():
-            notes.append("this CPU has no bf16 instructions, so bf16 is emulated: half the memory of fp32, "
-                         "but several times slower")
-        return "bf16", "; ".join(notes)
-    return quant, ""
 
 
 def _quant_kwargs(quant: str, device) -> dict:

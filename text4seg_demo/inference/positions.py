@@ -17,6 +17,7 @@ from __future__ import annotations
 from ..descriptors.codec import CLOSE_TAG, OPEN_TAG, RUN_SEP, split_run
 
 SCHEMES = ("natural", "grid")
+FORMATS = ("rrle", "full")  # the formats whose covered cells the grid scheme counts
 
 
 def cells_covered(body: str, width: int, height: int, fmt: str) -> int:

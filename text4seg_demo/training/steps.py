@@ -8,8 +8,11 @@ reproduces on the other from the same command (up to floating-point rounding).
 from __future__ import annotations
 
 import itertools
+import json
 import random
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,3 +46,48 @@ def descend(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor, max_no
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, max_norm)
     opt.step()
+
+
+class Run:
+    """A training stage's folder and clock, shared by the tower and LLaVA stages: the checkpoint it
+    resumes from (``OUT/checkpoint.pt``), the evaluations it appends to (``OUT/log.jsonl``), and the
+    wall-clock budget it stops at. Time spent in earlier sessions of a resumed run counts."""
+
+    def __init__(self, out: str | Path, resume: bool = False):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.checkpoint = self.out / "checkpoint.pt"
+        self.state = (torch.load(self.checkpoint, weights_only=False, map_location="cpu")
+                      if resume and self.checkpoint.exists() else None)
+        self.step = self.state["step"] if self.state else 0
+        self._start = time.time() - (self.state["elapsed"] if self.state else 0.0)
+
+    def minutes(self) -> float:
+        return (time.time() - self._start) / 60
+
+    def save(self, **payload) -> None:
+        """Write the checkpoint: ``payload`` (weights, optimiser, config) with the step and clock."""
+        torch.save({**payload, "step": self.step, "elapsed": time.time() - self._start}, self.checkpoint)
+
+    def record(self, metrics: dict, log=print) -> None:
+        """Append one evaluation, stamped with the step and minutes, to ``log.jsonl``."""
+        line = json.dumps({"step": self.step, "minutes": round(self.minutes(), 2), **metrics})
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(line + "\n")
+        log(line)
+
+    def batches(self, make: Callable, seed: int, stop: int | None, workers: int, minutes: float | None,
+                eval_every_min: float, checkpoint: Callable[[], None]):
+        """The stage's batches from the current step on, counting steps; ``checkpoint()`` (save and
+        evaluate) runs every ``eval_every_min`` minutes and once at the end, also when the
+        ``minutes`` budget runs out first."""
+        last = self.minutes()
+        for batch in batches(make, seed, self.step, stop, workers):
+            if minutes is not None and self.minutes() >= minutes:
+                break
+            yield batch
+            self.step += 1
+            if self.minutes() - last >= eval_every_min:
+                checkpoint()
+                last = self.minutes()
+        checkpoint()

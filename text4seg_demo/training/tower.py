@@ -15,8 +15,6 @@ The stage writes ``OUT/checkpoint.pt`` (resumable with ``--resume``) and ``OUT/l
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from ..inference.devices import choose_device
 from ..inference.settings import write_record
 from ..masks import to_grid
 from . import synth, tiny
-from .steps import batches, descend
+from .steps import Run, descend
 
 COLOURS = list(synth.COLOURS)
 BACKGROUND_WEIGHT = 0.3  # most patches are background: weigh them down in the per-patch losses
@@ -154,10 +152,8 @@ def tower_probe(model, processor, grid: int, n_fit: int = 400, n_test: int = 100
 
 def train_tower(cfg: TowerConfig, resume: bool = False, log=print) -> Path:
     """Run (or continue) the tower stage up to ``cfg.steps`` (or ``cfg.minutes``); return OUT."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoint.pt"
-    state = torch.load(ckpt_path, weights_only=False, map_location="cpu") if resume and ckpt_path.exists() else None
+    run = Run(cfg.out, resume)
+    state = run.state
     if state is not None:
         cfg = TowerConfig(**{**state["config"], "steps": cfg.steps, "minutes": cfg.minutes, "out": cfg.out,
                              "workers": cfg.workers})
@@ -170,53 +166,35 @@ def train_tower(cfg: TowerConfig, resume: bool = False, log=print) -> Path:
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     processor = tiny.build_image_processor()
-    step, elapsed = 0, 0.0
     if state is not None:
         tower.load_state_dict(state["tower"])
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["opt"])
-        step, elapsed = state["step"], state["elapsed"]
-        log(f"resumed at step {step} ({elapsed / 60:.1f} min)")
+        log(f"resumed at step {run.step} ({run.minutes():.1f} min)")
     log(f"tower stage on {device}: batch {cfg.batch}, up to step {cfg.steps}"
         + (f", at most {cfg.minutes} min" if cfg.minutes else ""))
     held_out = [t.to(device) for t in scenes(synth.SceneMaker(10**6 + 1), cfg.eval_scenes, processor, cfg.grid)]
-    t0, last_eval = time.time() - elapsed, elapsed
 
-    def save():
-        torch.save({"tower": tower.state_dict(), "head": head.state_dict(), "opt": opt.state_dict(),
-                    "step": step, "elapsed": time.time() - t0, "config": asdict(cfg)}, ckpt_path)
-
-    def evaluate():
+    def checkpoint():
+        run.save(tower=tower.state_dict(), head=head.state_dict(), opt=opt.state_dict(), config=asdict(cfg))
         tower.eval()
-        record = {"step": step, "scenes": step * cfg.batch, "minutes": round((time.time() - t0) / 60, 2),
-                  **accuracy(tower, head, *held_out, cfg.grid)}
+        run.record({"scenes": run.step * cfg.batch, **accuracy(tower, head, *held_out, cfg.grid)}, log)
         tower.train()
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        log(json.dumps(record))
 
     def make(numpy_rng, _):
         return scenes(synth.SceneMaker(numpy_rng), cfg.batch, processor, cfg.grid)
 
     tower.train()
-    for pixels, labels in batches(make, cfg.seed, step, cfg.steps, cfg.workers):
-        if cfg.minutes is not None and time.time() - t0 >= cfg.minutes * 60:
-            break
+    for pixels, labels in run.batches(make, cfg.seed, cfg.steps, cfg.workers, cfg.minutes, cfg.eval_every_min,
+                                      checkpoint):
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+            group["lr"] = cfg.lr * min(1.0, (run.step + 1) / cfg.warmup)
         loss = losses(tower, head, pixels.to(device), labels.to(device), cfg.grid, cfg.pool_weight)
         descend(opt, params, loss)
-        step += 1
-        spent = time.time() - t0
-        if step % 20 == 0:
-            log(f"tower step {step} ({step * cfg.batch} scenes) {spent / 60:.1f} min loss {loss.item():.4f}")
-        if spent - last_eval >= cfg.eval_every_min * 60:
-            save()
-            evaluate()
-            last_eval = spent
-    save()
-    evaluate()
-    record = {**asdict(cfg), "stage": "tower", "device": device.type, "steps": step,
-              "scenes": step * cfg.batch, "minutes": round((time.time() - t0) / 60, 1)}
-    write_record(out, {"training": record})
-    return out
+        done = run.step + 1
+        if done % 20 == 0:
+            log(f"tower step {done} ({done * cfg.batch} scenes) {run.minutes():.1f} min loss {loss.item():.4f}")
+    record = {**asdict(cfg), "stage": "tower", "device": device.type, "steps": run.step,
+              "scenes": run.step * cfg.batch, "minutes": round(run.minutes(), 1)}
+    write_record(run.out, {"training": record})
+    return run.out

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from ..inference.positions import AnswerPositions
 from ..inference.settings import Settings, read_record
 from ..masks import to_grid
 from . import synth, tiny
-from .steps import batches, descend
+from .steps import Run, descend
 from .tower import tower_probe
 
 PROMPT_STYLE = "question_first"
@@ -299,23 +298,19 @@ def _lineage(init: str | None) -> list[dict]:
 
 
 def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Run (or continue) a LLaVA stage up to ``cfg.steps`` (or ``cfg.minutes``); return its model."""
+    run = Run(cfg.out, resume)
     torch.manual_seed(cfg.seed)
-    ckpt_path = out / "checkpoint.pt"
-    if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+    state = run.state
+    if state is not None:
         steps = cfg.steps if cfg.steps is not None else state["config"].get("steps")  # kept unless given
         cfg = TrainConfig(**{**state["config"], "minutes": cfg.minutes, "steps": steps, "out": cfg.out,
                              "workers": cfg.workers})
-    else:
-        state = None
     device = choose_device()
     tokenizer = tiny.build_tokenizer(tiny.training_corpus(), label_tokens=cfg.label_tokens)
     processor = tiny.build_image_processor()
     model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed)
     heads = AuxHeads(model.config.text_config.hidden_size, cfg.grid)
-    step, elapsed = 0, 0.0
     if state is None and cfg.init:
         log(_initialise(model, heads, cfg.init, tokenizer))
     model.to(device)
@@ -327,57 +322,39 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
         opt.load_state_dict(state["opt"])
-        step, elapsed = state["step"], state["elapsed"]
-        log(f"resumed at step {step} ({elapsed / 60:.1f} min)")
+        log(f"resumed at step {run.step} ({run.minutes():.1f} min)")
     if cfg.bf16 is None:
         cfg.bf16 = device.type == "cpu" and native_bf16()
     queries = held_out(cfg.eval_queries)
-    budget = cfg.minutes * 60 if cfg.minutes else (math.inf if cfg.steps is not None else 3600.0)
-    est_total = cfg.steps if cfg.steps is not None else max(step + 1, int(budget / 2.0))  # re-estimated as we go
+    budget = cfg.minutes if cfg.minutes else (None if cfg.steps is not None else 60.0)
+    est_total = cfg.steps if cfg.steps is not None else max(run.step + 1, int(budget * 30))  # re-estimated as we go
     log(f"{cfg.fmt} stage on {device}, {'bf16 autocast' if cfg.bf16 else 'fp32'}: batch {cfg.batch}, "
-        + (f"up to step {cfg.steps}" if cfg.steps is not None else f"{budget / 60:g} min"))
-    last_eval, t0 = elapsed, time.time() - elapsed
+        + (f"up to step {cfg.steps}" if cfg.steps is not None else f"{budget:g} min"))
     model.train()
 
-    def save():
-        torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
-                    "step": step, "elapsed": time.time() - t0, "config": asdict(cfg), "device": device.type}, ckpt_path)
-
-    def evaluate():
-        metrics = grid_ciou(model, tokenizer, processor, queries, cfg) if queries else {}
-        record = {"step": step, "minutes": round((time.time() - t0) / 60, 2), **metrics}
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        log(json.dumps(record))
-        return metrics
+    def checkpoint():
+        run.save(model=model.state_dict(), heads=heads.state_dict(), opt=opt.state_dict(), config=asdict(cfg),
+                 device=device.type)
+        run.record(grid_ciou(model, tokenizer, processor, queries, cfg) if queries else {}, log)
 
     def make(numpy_rng, rng):
         return collate([encode_example(tokenizer, processor, *triple, cfg.fmt, cfg.grid, rng, cfg.positions)
                         for triple in batch_triples(synth.SceneMaker(numpy_rng), cfg)], tokenizer.pad_token_id)
 
-    for batch in batches(make, cfg.seed, step, cfg.steps, cfg.workers):
-        if time.time() - t0 >= budget:
-            break
+    for batch in run.batches(make, cfg.seed, cfg.steps, cfg.workers, budget, cfg.eval_every_min, checkpoint):
         batch = {key: value.to(device) for key, value in batch.items()}
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * cosine(step, cfg.warmup, est_total)
+            group["lr"] = cfg.lr * cosine(run.step, cfg.warmup, est_total)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             lm, patch, row = losses(model, heads, batch, cfg.grid, cfg.image_attention)
         loss = lm + cfg.patch_weight * patch + cfg.row_weight * row
         descend(opt, params, loss)
-        step += 1
-        spent = time.time() - t0
+        done, minutes = run.step + 1, run.minutes()
         if cfg.steps is None:
-            est_total = max(step + 1, int(step * budget / max(spent, 1e-6)))
-        if step % 20 == 0:
-            log(f"step {step} {spent / 60:.1f} min lm {lm.item():.4f} patch {patch.item():.4f} row {row.item():.4f}")
-        if spent - last_eval >= cfg.eval_every_min * 60:
-            save()
-            evaluate()
-            last_eval = spent
-    save()
-    evaluate()
-    return export(out)
+            est_total = max(done + 1, int(done * budget / max(minutes, 1e-6)))
+        if done % 20 == 0:
+            log(f"step {done} {minutes:.1f} min lm {lm.item():.4f} patch {patch.item():.4f} row {row.item():.4f}")
+    return export(run.out)
 
 
 def _load_run(run: str | Path):
