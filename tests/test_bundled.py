@@ -26,6 +26,7 @@ def test_bundled_model_is_complete_and_small(name):
     assert sum(f.stat().st_size for f in root.iterdir()) <= 30 * 2**20
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-rrle", "tiny-full"])
 def test_bundled_model_reaches_its_cards_grid_ciou(name):
     engine = load(name, log=lambda m: None)
@@ -43,6 +44,7 @@ def test_bundled_rrle_model_speaks_the_format():
     assert codec.parse_answer(text, 16).diagnostics == []
 
 
+@pytest.mark.slow
 def test_bench_sets_the_bundled_models_side_by_side(tmp_path, monkeypatch):
     # two 224 x 224 queries: an absent target, and a 4 x 8-cell block in rows 4-7 of the 16 x 16 grid
     Image.new("RGB", (224, 224), "white").save(tmp_path / "x.png")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import queue
 import resource
 import shutil
 import tempfile
@@ -158,6 +159,46 @@ def _sweep(root: Path, age_s: float = 900) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
+def decoupled(stream: Iterator, every_s: float = 0.1) -> Iterator:
+    """``stream`` run in a worker thread at full speed, seen through what the page can show: the
+    latest event at most every ``every_s`` seconds or when a row completes, and the final item.
+    The model never waits for the page, so its timings are the model's alone. An exception in
+    the stream is raised here."""
+    items: queue.Queue = queue.Queue()
+    end = object()
+
+    def work():
+        try:
+            for item in stream:
+                items.put(item)
+        except BaseException as err:  # handed to the consumer, which raises it
+            items.put(err)
+        items.put(end)
+
+    threading.Thread(target=work, daemon=True).start()
+    shown_at, rows = 0.0, -1
+    while True:
+        batch = [items.get()]
+        while not items.empty():
+            batch.append(items.get_nowait())
+        for item in batch:
+            if isinstance(item, BaseException):
+                raise item
+        done = batch[-1] is end
+        latest = [item for item in batch if item is not end]
+        if not latest:
+            return
+        newest = latest[-1]
+        row_done = isinstance(newest, StreamEvent) and len(newest.rows) != rows
+        if done or row_done or not isinstance(newest, StreamEvent) or time.monotonic() - shown_at >= every_s:
+            if isinstance(newest, StreamEvent):
+                rows = len(newest.rows)
+            shown_at = time.monotonic()
+            yield newest
+        if done:
+            return
+
+
 def partial_grid(rows: list[list[str]], labels: list[str], size: int) -> np.ndarray:
     """The rows written so far as label ids on a ``size x size`` grid; the rest is background."""
     grid = np.zeros((size, size), dtype=np.int32)
@@ -237,7 +278,7 @@ class Demo:
         labels = [codec.OTHERS, *request.labels()]
         size = request.grid or engine.settings.grid
         try:
-            for item in segment_stream(engine, image, request, refiner):
+            for item in decoupled(segment_stream(engine, image, request, refiner)):
                 if isinstance(item, StreamEvent) and not item.done:
                     update = {"answer": render.highlight(item.text, labels)}
                     if len(item.rows) != rows_shown:  # redraw the grid only when a row completes

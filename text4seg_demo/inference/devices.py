@@ -18,6 +18,29 @@ def choose_device(requested: str | None = None):
     return torch.device("cpu")
 
 
+def describe(device) -> str:
+    """The hardware behind ``device`` in words, for training records: the GPU's name, or the CPU
+    model and its cores."""
+    import os
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    return f"{os.cpu_count()}-core CPU ({model}{', bf16' if native_bf16() else ''})"
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read().splitlines()
+    except OSError:
+        return []
+
+
 def native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX) rather than emulating it."""
     import torch

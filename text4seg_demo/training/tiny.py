@@ -112,6 +112,7 @@ def save_pretrained(model, tokenizer, out: str | Path, settings: dict) -> Path:
 
 
 FIXED_QUERIES_SEED, FIXED_QUERIES = 777, 20
+GENERATOR = "domain-wide"  # the scenes stages train on now (synth.DOMAIN); stage records say which they saw
 
 
 def fixed_queries():
@@ -147,7 +148,9 @@ def stage_flags(t: dict) -> str:
 
 
 def _stage_summary(stage: dict) -> str:
-    where = f" on {stage['device']}" if stage.get("device", "cpu") != "cpu" else ""
+    where = f" on {stage.get('hardware') or stage.get('device', 'cpu')}"
+    if stage.get("generator") != GENERATOR:
+        where += ", scenes of the earlier generator (dull solid, gradient and noisy backgrounds only)"
     if stage.get("stage") == "tower":
         return f"tower stage, {stage['steps']} steps of {stage['batch']} scenes in {stage['minutes']} min{where}"
     if stage["steps"] == 0:
@@ -188,7 +191,7 @@ def write_card(run: str | Path) -> Path:
         f"- tokenizer: byte-level BPE, {TOKENIZER_SUMMARY[t.get('label_tokens', 'whole')]}",
         (f"- training: {t['steps']} steps of batch {t['batch']} (fresh synthetic samples, seed {t['seed']}), AdamW "
          f"{t['lr']}, {'bf16 autocast' if t['bf16'] else 'fp32'}, {t['minutes']} minutes wall time "
-         f"({t.get('device', 'cpu').upper()}), with training-only patch and row heads "
+         f"on {t.get('hardware') or t.get('device', 'cpu')}, with training-only patch and row heads "
          "(see `text4seg_demo/training/train.py`)" if t["steps"] else
          "- training: none in this stage, which gave the weights before it a tokenizer with more tokens, each "
          "new one starting as the mean of the pieces it replaces (greedy answers unchanged)"),
@@ -207,7 +210,8 @@ def write_card(run: str | Path) -> Path:
            "in both directions, the text is causal"]
           if settings.get("image_attention") == "bidirectional" else []),
         f"- grid cIoU on the 20 fixed queries of `tiny.fixed_queries()`: {settings['metrics']['fixed20_grid_ciou']}",
-        "- every training attempt and its numbers: the project README, section *Tiny models*",
+        "- the recipe and how to rebuild this model: `docs/training.md` of the project; every training attempt "
+        "and its numbers: `docs/training-log.md`",
     ]
     if evaluations:
         lines += ["", "Held-out grid cIoU during training (greedy answers to generated queries):", "",

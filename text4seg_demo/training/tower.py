@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..inference.devices import choose_device
+from ..inference.devices import choose_device, describe
 from ..inference.settings import write_record
 from ..masks import to_grid
 from . import synth, tiny
@@ -194,7 +194,8 @@ def train_tower(cfg: TowerConfig, resume: bool = False, log=print) -> Path:
         done = run.step + 1
         if done % 20 == 0:
             log(f"tower step {done} ({done * cfg.batch} scenes) {run.minutes():.1f} min loss {loss.item():.4f}")
-    record = {**asdict(cfg), "stage": "tower", "device": device.type, "steps": run.step,
+    record = {**asdict(cfg), "stage": "tower", "device": device.type, "hardware": describe(device),
+              "generator": tiny.GENERATOR, "steps": run.step,
               "scenes": run.step * cfg.batch, "minutes": round(run.minutes(), 1)}
     write_record(run.out, {"training": record})
     return run.out

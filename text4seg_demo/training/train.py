@@ -35,7 +35,7 @@ from torch import nn
 from ..descriptors import codec, prompts
 from ..evaluation.metrics import iou
 from ..inference.attention import image_block_mask
-from ..inference.devices import choose_device, native_bf16
+from ..inference.devices import choose_device, describe, native_bf16
 from ..inference.positions import AnswerPositions
 from ..inference.settings import Settings, read_record
 from ..masks import to_grid
@@ -334,7 +334,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
 
     def checkpoint():
         run.save(model=model.state_dict(), heads=heads.state_dict(), opt=opt.state_dict(), config=asdict(cfg),
-                 device=device.type)
+                 device=device.type, hardware=describe(device))
         run.record(grid_ciou(model, tokenizer, processor, queries, cfg) if queries else {}, log)
 
     def make(numpy_rng, rng):
@@ -450,6 +450,8 @@ def export(run: str | Path) -> Path:
     settings = {**_settings(cfg).to_dict(),
                 "training": {**asdict(cfg), "steps": state["step"], "minutes": round(state["elapsed"] / 60, 1),
                              "device": state.get("device", "cpu"),
+                             "hardware": state.get("hardware") or describe(torch.device(state.get("device", "cpu"))),
+                             "generator": tiny.GENERATOR,
                              "lineage": _lineage(cfg.init)},
                 "metrics": {k: v for k, v in curve[-1].items() if k not in ("step", "minutes")} if curve else {}}
     return tiny.save_pretrained(model, tokenizer, run / "model", settings)

@@ -1,3 +1,6 @@
+"""An original-LLaVA checkpoint (the released one's layout, random weights) end to end:
+conversion, the engine, loading, the command line."""
+
 import json
 import subprocess
 import sys
@@ -10,10 +13,7 @@ from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
 from text4seg_demo.descriptors import codec
-from text4seg_demo.inference import devices
 from text4seg_demo.inference.convert import convert
-from text4seg_demo.inference.devices import plan_precision
-from text4seg_demo.inference.hub import ModelUnavailable, resolve
 from text4seg_demo.inference.loading import load
 
 LABEL = "white horse"
@@ -46,6 +46,7 @@ def test_converted_logits_match_a_directly_built_llava(tmp_path, tower_in_checkp
     assert json.loads((tmp_path / "hf" / "text4seg.json").read_text())["grid"] == 24  # from "p24" in the name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["rrle", "full"])
 @pytest.mark.parametrize("grid", [16, 24])
 def test_constrained_decoding_from_random_weights_is_always_well_formed(engine, fmt, grid):
@@ -95,6 +96,7 @@ def test_replay_force_decodes_the_given_text(engine):
     assert gen.timings["decode"] > 0
 
 
+@pytest.mark.slow
 def test_four_bit_on_cpu_loads_and_generates(original):
     pytest.importorskip("bitsandbytes")
     small = load(str(original[0]), quant="4bit", device="cpu", grid=16, log=lambda m: None)
@@ -105,39 +107,12 @@ def test_four_bit_on_cpu_loads_and_generates(original):
     assert codec.parse_answer(gen.text, 16).diagnostics == []
 
 
-def test_precision_fallbacks_explain_themselves(monkeypatch):
-    cpu, mps = torch.device("cpu"), torch.device("mps")
-    assert plan_precision("auto", cpu) == ("fp32", "")
-    assert plan_precision("auto", torch.device("cuda")) == ("4bit", "")
-    assert plan_precision("8bit", cpu) == ("fp32", "bitsandbytes 8-bit needs CUDA; 4-bit works on CPU")
-    assert plan_precision("4bit", mps) == ("fp16", "bitsandbytes has no 4bit kernels for Apple MPS")
-    monkeypatch.setattr(devices, "native_bf16", lambda: True)
-    assert plan_precision("fp16", cpu) == ("bf16", "fp16 matrix products are slow or missing on CPU")
-    assert plan_precision("bf16", cpu) == ("bf16", "")
-    monkeypatch.setattr(devices, "native_bf16", lambda: False)
-    assert plan_precision("bf16", cpu)[1].startswith("this CPU has no bf16 instructions, so bf16 is emulated")
-    assert plan_precision("fp16", cpu)[1].count(";") == 1
-    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
-    assert plan_precision("4bit", cpu) == ("fp32", "4bit needs bitsandbytes (pip install bitsandbytes)")
-    with pytest.raises(ValueError, match="unknown --quant"):
-        plan_precision("int3", cpu)
-
-
-def test_missing_hub_model_offline_names_it_and_says_what_to_do():
-    with pytest.raises(ModelUnavailable) as err:
-        resolve("lmc22/text4seg-llava-7b-p24")
-    message = str(err.value)
-    assert "lmc22/text4seg-llava-7b-p24" in message and "huggingface-cli download" in message
-    assert "--model tiny-rrle" in message
-    with pytest.raises(ModelUnavailable, match="neither a local directory"):
-        resolve("/no/such/dir")
-
-
 @pytest.fixture(scope="module")
 def sentencepiece_original(tmp_path_factory):
     return write_original_llava(tmp_path_factory.mktemp("llava-spm"), sentencepiece=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpoint", ["original", "sentencepiece_original"])
 def test_cli_segment_on_an_original_llava_checkpoint(checkpoint, request, tmp_path):
     original = request.getfixturevalue(checkpoint)

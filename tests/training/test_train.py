@@ -1,83 +1,17 @@
-import dataclasses
-import hashlib
-import json
+"""The LLaVA training stage: batches, losses, curricula, cards and probes."""
+
 import random
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
-from text4seg_demo.descriptors.codec import ROW_SEP, RUN_SEP, Diagnostic
+from text4seg_demo.descriptors.codec import ROW_SEP, RUN_SEP
 from text4seg_demo.evaluation import evaluate as evaluate_module
-from text4seg_demo.evaluation.metrics import IoUMeter
 from text4seg_demo.masks import to_grid
-from text4seg_demo.pipeline import Result
 from text4seg_demo.training import synth, tiny, tower, train
-
-
-def digest(root):
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            h.update(path.name.encode() + path.read_bytes())
-    return h.hexdigest()
-
-
-def test_generator_is_deterministic_and_covers_the_domain(tmp_path):
-    synth.make_dataset(tmp_path / "a", 28, seed=9)
-    synth.make_dataset(tmp_path / "b", 28, seed=9)
-    synth.make_dataset(tmp_path / "c", 28, seed=10)
-    assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
-    rows = [json.loads(line) for line in (tmp_path / "a" / "manifest.jsonl").read_text().splitlines()]
-    assert {r["kind"] for r in rows} == set(synth.KINDS)
-    assert {r["expression"] for r in rows} <= set(synth.expressions())
-    for r in rows:
-        image = Image.open(tmp_path / "a" / r["image"])
-        mask = np.asarray(Image.open(tmp_path / "a" / r["mask"])) > 0
-        assert 128 <= min(image.size) <= 640 and 0.5 <= image.width / image.height <= 2.0
-        assert mask.shape == (image.height, image.width)
-        assert mask.any() == (r["kind"] != "absent")
-
-
-@pytest.mark.parametrize("style", [b for b in synth.BACKGROUNDS if b != "noisy"])
-def test_every_background_family_keeps_clear_of_the_shape_colours(style):
-    domain = dataclasses.replace(synth.DOMAIN, backgrounds=(style,), noise=0.0)
-    rng = np.random.default_rng(4)
-    saturations = []
-    for _ in range(6):
-        pixels = synth._background(rng, 96, 64, domain).reshape(-1, 3)
-        lab = synth._lab(pixels[::7].astype(np.float32))
-        # mixes are checked at nine points along the way: allow for what lies between them and rounding
-        assert np.linalg.norm(lab[:, None] - synth.SHAPE_LAB[None], axis=-1).min() >= synth.MIN_DELTA_E - 3
-        saturations.append(float((pixels.max(1) - pixels.min(1)).mean() / max(pixels.max(1).mean(), 1)))
-    assert max(saturations) > 0.5  # saturated backgrounds are part of the domain
-
-
-def test_the_shifted_split_draws_smaller_shapes_in_busier_scenes():
-    def stats(domain):
-        maker = synth.SceneMaker(11, domain)
-        scenes = [maker.scene(synth.KINDS[i % 7]) for i in range(42)]
-        sizes = [s.size / min(image.size) for image, _, shapes in scenes for s in shapes]
-        return np.mean([len(shapes) for *_, shapes in scenes]), np.median(sizes)
-
-    (count, size), (shifted_count, shifted_size) = stats(synth.DOMAIN), stats(synth.SHIFTED)
-    assert shifted_count > count + 1 and shifted_size < 0.8 * size
-    assert set(synth.SHIFTED.backgrounds) <= set(synth.BACKGROUNDS) and synth.SHIFTED.saturation[0] > 0.5
-
-
-def test_contrasting_pairs_share_the_image_and_differ_in_words_and_target():
-    for focus in ("size", "side"):
-        pair = synth.samples(synth.SceneMaker(3), focus, contrast=True)
-        assert pair[0][1] == synth.sample(synth.SceneMaker(3), focus)[1]  # pairing adds a query, changes none
-        (image_a, words_a, mask_a), (image_b, words_b, mask_b) = pair
-        shape = {w for w in words_a.split() if w in synth.SHAPES}
-        assert image_a is image_b and words_a != words_b and shape == {w for w in words_b.split() if w in synth.SHAPES}
-        assert mask_a.any() and mask_b.any() and not (mask_a & mask_b).any()
-    (_, absent, nothing), (_, present, shape) = synth.samples(synth.SceneMaker(3), "absent", contrast=True)
-    assert not nothing.any() and shape.any() and len(absent.split()) == len(present.split()) == 3  # the COLOUR SHAPE
 
 
 def test_a_focus_kind_fills_its_share_of_the_batches():
@@ -109,83 +43,7 @@ def test_a_model_cards_command_line_gives_back_its_stage():
                                                                   True, True, "side", 0.3)
 
 
-def test_colour_rivals_make_the_colour_word_decide():
-    def decided(colour_rivals: bool) -> float:
-        share = []
-        for seed in range(60):
-            focus = ("colour_shape", "absent")[seed % 2]
-            shapes = synth.SceneMaker(seed).scene(focus, colour_rivals=colour_rivals)[2]
-            (_, query, mask), *partner = synth.samples(synth.SceneMaker(seed), focus, contrast=True,
-                                                       colour_rivals=colour_rivals)
-            assert mask.any() == (focus == "colour_shape")
-            *_, colour, kind = query.split()
-            # the scene shows the kind in another colour and shows the colour (the kind alone cannot
-            # answer), and the partner shares one word with the query, so that the other decides
-            share.append(any(s.kind == kind and s.colour != colour for s in shapes)
-                         and any(s.colour == colour for s in shapes)
-                         and bool(partner) and bool({colour, kind} & set(partner[0][1].split())))
-        return float(np.mean(share))
-
-    # with rivals, the rest are scenes where overlaps and extra shapes left no such query; without,
-    # a random scene has one by chance about one time in six
-    assert decided(colour_rivals=True) >= 0.9 and decided(colour_rivals=False) <= 0.25
-
-
-def test_iou_meter_matches_hand_computed_values():
-    meter = IoUMeter()
-    a = np.zeros((4, 4), bool)
-    b = a.copy()
-    a[0, :2] = True           # predicted 2 cells
-    b[0, 1:4] = True          # true 3 cells: intersection 1, union 4
-    meter.add(a, b)
-    meter.add(np.zeros((4, 4)), np.zeros((4, 4)))  # empty on empty: IoU 1, adds nothing to cIoU
-    full = np.ones((4, 4), bool)
-    meter.add(full, full)                          # intersection 16, union 16
-    assert meter.ciou == pytest.approx((1 + 16) / (4 + 16))
-    assert meter.giou == pytest.approx((0.25 + 1 + 1) / 3)
-
-
-def test_eval_aggregates_like_the_reference(tmp_path, monkeypatch):
-    # three 32 x 32 queries: a half-image target predicted exactly, an empty target predicted
-    # empty, and the half-image target again predicted empty
-    (tmp_path / "i").mkdir()
-    Image.new("RGB", (32, 32)).save(tmp_path / "i" / "x.png")
-    half = np.zeros((32, 32), np.uint8)
-    half[:16] = 255
-    Image.fromarray(half).save(tmp_path / "i" / "half.png")
-    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "i" / "none.png")
-    (tmp_path / "manifest.jsonl").write_text(
-        '{"image": "i/x.png", "expression": "top", "mask": "i/half.png", "kind": "side"}\n'
-        '{"image": "i/x.png", "expression": "nothing", "mask": "i/none.png", "kind": "absent"}\n'
-        '{"image": "i/x.png", "expression": "upper", "mask": "i/half.png", "kind": "side"}\n')
-    answers = iter([half > 0, np.zeros((32, 32), bool), np.zeros((32, 32), bool)])
-
-    def fake_segment(engine, image, request, refiner=None):
-        coarse = next(answers).astype(np.int32)
-        return Result(text="", grid=coarse[::2, ::2], labels=["others", request.expression],
-                      diagnostics=[Diagnostic("padded", 1, "")] if request.expression == "top" else [],
-                      coarse=coarse, refined=None, tokens={"generated": 10}, timings={"total": 0.1}, model="m",
-                      quant="fp32", device="cpu", fmt="rrle", constrained=False)
-
-    monkeypatch.setattr(evaluate_module, "segment", fake_segment)
-
-    class Engine:
-        name, settings = "fake", type("S", (), {"grid": 16})()
-
-    report = evaluate_module.evaluate(Engine(), str(tmp_path), progress=False)
-    assert report["n"] == 3
-    # cIoU sums over queries: 512 target pixels found of 1024 in the union
-    assert report["ciou"] == {"coarse": 0.5, "refined": None}
-    assert report["giou"] == {"coarse": pytest.approx(2 / 3), "refined": None}  # empty/empty counts 1
-    assert report["grid_ciou"] == 0.5 and report["oracle_ciou"] == 1.0
-    assert report["grid_prec50"] == pytest.approx(2 / 3)  # the target found in two queries of three
-    assert report["malformed_rate"] == pytest.approx(1 / 3) and report["mean_generated_tokens"] == 10
-    assert report["by_kind"] == {
-        "absent": {"n": 1, "grid_ciou": 1.0, "grid_giou": 1.0, "grid_prec50": 1.0, "coarse_ciou": 1.0},
-        "side": {"n": 2, "grid_ciou": 0.5, "grid_giou": 0.5, "grid_prec50": 0.5, "coarse_ciou": 0.5}}
-    assert [q["kind"] for q in report["queries"]] == ["side", "absent", "side"]
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["rrle", "full"])
 def test_a_few_training_steps_reduce_the_loss(fmt):
     torch.manual_seed(0)
@@ -208,6 +66,7 @@ def test_a_few_training_steps_reduce_the_loss(fmt):
     assert totals[-1][0] < 0.8 * totals[0][0] and totals[-1][1] < totals[0][1]
 
 
+@pytest.mark.slow
 def test_a_curriculum_stage_starts_from_a_bundled_model_and_records_its_lineage(tmp_path):
     label_tokens = train._lineage("tiny-rrle")[-1]["label_tokens"]
     assert label_tokens == "words"  # the bundled models spell expressions in words
@@ -239,6 +98,7 @@ def test_a_curriculum_stage_starts_from_a_bundled_model_and_records_its_lineage(
         train._initialise(model, train.AuxHeads(256, 16), "runs/no-such-run", tokenizer)
 
 
+@pytest.mark.slow
 def test_a_stage_from_a_model_with_fewer_tokens_starts_each_new_token_as_its_pieces(tmp_path, monkeypatch):
     """A saved model whose tokenizer lacks the run-closing counts (`` *N| ``) starts a stage
     whose tokenizer has them: every old token keeps its row, a new one starts as the mean of

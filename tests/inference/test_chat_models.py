@@ -41,6 +41,7 @@ def test_qwen2_vl_loads_through_the_auto_classes_and_its_chat_template(engine, q
     assert counts["image"] == int((inputs["input_ids"] == engine.image_token_id).sum()) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["rrle", "full"])
 def test_qwen2_vl_constrained_answers_are_well_formed_and_stream_the_same_text(engine, fmt):
     image = noise_image(1, (60, 120))
@@ -54,6 +55,7 @@ def test_qwen2_vl_constrained_answers_are_well_formed_and_stream_the_same_text(e
     assert final.tokens["image"] > 0 and final.timings["decode"] > 0
 
 
+@pytest.mark.slow
 def test_a_peft_adapter_is_merged_on_load(qwen_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
 

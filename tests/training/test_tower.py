@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from text4seg_demo.training import steps, synth, tiny, tower, train
@@ -62,6 +63,7 @@ def test_a_run_counts_steps_checkpoints_on_its_clock_and_resumes_where_it_stoppe
     assert steps.Run(tmp_path).step == 0  # without resume, a run starts afresh
 
 
+@pytest.mark.slow
 def test_a_few_tower_steps_reduce_both_losses():
     torch.manual_seed(0)
     model = tiny.build_model(tiny.build_tokenizer(tiny.training_corpus()), vision_hidden=64, vision_layers=1)
@@ -78,6 +80,7 @@ def test_a_few_tower_steps_reduce_both_losses():
     assert totals[-1] < 0.7 * totals[0]
 
 
+@pytest.mark.slow
 def test_a_llava_stage_starts_from_a_tower_stage_keeps_it_frozen_and_records_it(tmp_path):
     run = tower.train_tower(tower.TowerConfig(out=str(tmp_path / "tower"), steps=2, batch=2, eval_scenes=4))
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]

@@ -12,7 +12,7 @@ from PIL import Image
 
 from text4seg_demo.app import handlers, layout
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "synthetic" / "images" / "000007.png"  # its query: the blue square
 
 
@@ -89,6 +89,7 @@ def test_odd_images_are_handled_and_said(client, tmp_path):
     assert any("EXIF" in n for n in rotated["notes"])
 
 
+@pytest.mark.slow
 def test_out_of_memory_is_a_message(tmp_path, monkeypatch):
     def exhausted(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
@@ -104,6 +105,7 @@ def test_out_of_memory_is_a_message(tmp_path, monkeypatch):
         demo.close()
 
 
+@pytest.mark.slow
 def test_twenty_requests_from_four_threads_all_complete(client, server):
     expressions = ["the blue square", "the star", "all circles", "the small square"] * 5
 
