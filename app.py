@@ -13,8 +13,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="preset, hub id or local directory (default: best for this machine)")
     parser.add_argument("--share", action="store_true", help="also serve through a public Gradio link")
+    parser.add_argument("--public", action="store_true",
+                        help="serve strangers: only the presets and TEXT4SEG_ALLOWED_MODELS (on by itself on a Space)")
     args = parser.parse_args()
-    launch(build_demo(args.model), share=args.share, show_error=True)
+    launch(build_demo(args.model, public=args.public), share=args.share, show_error=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 import numpy as np
+import pytest
 from PIL import Image
 
-from text4seg_demo.images import prepare
+from text4seg_demo.images import BadImage, prepare
 
 
 def test_a_16_bit_upload_is_named_for_its_own_depth(tmp_path):
@@ -16,3 +17,12 @@ def test_a_16_bit_upload_is_named_for_its_own_depth(tmp_path):
 def test_an_array_keeps_its_dtype_in_the_note():
     _, notes = prepare(np.full((8, 8, 3), 0.5, np.float32))
     assert notes == ["float32 pixel values rescaled to 8 bits"]
+
+
+def test_a_decompression_bomb_is_refused_with_a_message(tmp_path, monkeypatch):
+    Image.new("L", (400, 300)).save(tmp_path / "bomb.png")
+    with pytest.raises(BadImage, match="120000 pixels|0.1 million"):
+        prepare(tmp_path / "bomb.png", max_pixels=100_000)  # refused from the header
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's own guard, far below this image
+    with pytest.raises(BadImage, match="too many pixels"):
+        prepare(tmp_path / "bomb.png")

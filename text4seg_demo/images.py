@@ -8,17 +8,19 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_SIDE = 2048
+MAX_PIXELS = 50_000_000  # larger images are refused from their header, before any pixel is decoded
 
 
 class BadImage(ValueError):
     """An input that is not a usable image; the message says what to do."""
 
 
-def prepare(source, max_side: int = MAX_SIDE) -> tuple[Image.Image, list[str]]:
+def prepare(source, max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, list[str]]:
     """An upright 8-bit RGB image from a path, PIL image or array, and notes on each fix.
 
     EXIF rotation is applied, 16-bit and float images are rescaled, alpha is composited on
-    white, and images larger than ``max_side`` are downscaled.
+    white, the first frame of an animation is taken, and images larger than ``max_side`` are
+    downscaled; a file of more than ``max_pixels`` (a decompression bomb) is refused unread.
     """
     notes = []
     if source is None:
@@ -26,10 +28,14 @@ def prepare(source, max_side: int = MAX_SIDE) -> tuple[Image.Image, list[str]]:
     if isinstance(source, (str, Path)):
         try:
             with Image.open(source) as opened:
+                _check_pixels(opened.width, opened.height, max_pixels)
                 opened.load()
                 image = opened.copy()
                 image.info.update(opened.info)
                 exif = opened.getexif()
+        except Image.DecompressionBombError:  # PIL's own refusal, far above ``max_pixels``
+            raise BadImage(f"{Path(source).name} has too many pixels to open safely; this demo takes up to "
+                           f"{max_pixels / 1e6:g} million: downscale it first") from None
         except (UnidentifiedImageError, OSError) as err:
             raise BadImage(f"{Path(source).name} is not a readable image ({type(err).__name__}); "
                            "use a PNG, JPEG or WebP file") from None
@@ -62,6 +68,12 @@ def prepare(source, max_side: int = MAX_SIDE) -> tuple[Image.Image, list[str]]:
         notes.append(f"downscaled from {image.width}x{image.height} to {size[0]}x{size[1]}")
         image = image.resize(size, Image.LANCZOS)
     return image, notes
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise BadImage(f"the image is {width} x {height} pixels; this demo takes up to {max_pixels / 1e6:g} "
+                       "million pixels: downscale it first")
 
 
 def _to_uint8(array: np.ndarray, notes: list[str]) -> np.ndarray:

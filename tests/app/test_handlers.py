@@ -5,8 +5,10 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from text4seg_demo.app.handlers import Demo, UserError, decoupled
+from text4seg_demo.app.hosting import Limits
 from text4seg_demo.inference.engine import StreamEvent
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "synthetic" / "images" / "000007.png"
@@ -84,3 +86,33 @@ def test_the_page_sees_the_latest_state_while_the_model_runs_unhindered():
 
     with pytest.raises(MemoryError):
         list(decoupled(failing()))
+
+
+def test_a_public_demo_refuses_other_models_before_touching_them(monkeypatch):
+    from text4seg_demo.app import handlers
+
+    public = Demo("tiny-rrle", Limits(public=True, max_pixels=10_000, max_file_mb=1.0, max_new_tokens=50))
+    touched = []
+    monkeypatch.setattr(handlers, "load", lambda name, **kwargs: touched.append(name))
+    monkeypatch.setattr(handlers, "prepare", lambda *args, **kwargs: touched.append("image"))
+    for model in ("someone/a-huge-model", "/etc", "../assets/tiny-rrle"):
+        status = list(public.analyse(str(EXAMPLE), "the blue square", name=model))[-1]["status"]
+        assert "serves only tiny-rrle, tiny-full, text4seg-llava-7b-p24" in status
+        with pytest.raises(UserError, match="serves only"):
+            public.segment_api(str(EXAMPLE), "the blue square", model=model)
+    assert touched == []  # refused before any download or file access
+
+
+def test_a_demo_holds_uploads_and_answers_to_the_hosts_limits(tmp_path):
+    strict = Demo("tiny-rrle", Limits(public=True, max_pixels=10_000, max_file_mb=0.5, max_new_tokens=40))
+    with pytest.raises(UserError, match="million pixels"):
+        strict.segment_api(str(EXAMPLE), "the blue square")  # 10k pixels allowed
+    (tmp_path / "big.png").write_bytes(b"\x89PNG" + bytes(600_000))
+    with pytest.raises(UserError, match="up to 0.5 MB"):
+        strict.segment_api(str(tmp_path / "big.png"), "the blue square")
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "small.png")
+    result = strict.segment_api(str(tmp_path / "small.png"), "the blue square", max_new_tokens=10_000,
+                                constrained=False, refine="none")
+    assert result["tokens"]["generated"] <= 40  # the host's cap, not the visitor's 10k
+    with pytest.raises(UserError, match="must be positive"):
+        strict.segment_api(str(tmp_path / "small.png"), "the blue square", max_new_tokens=-5)

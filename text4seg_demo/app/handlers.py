@@ -30,6 +30,7 @@ from ..inference.hub import DEFAULT_MODEL, ModelUnavailable, resolve
 from ..inference.loading import load
 from ..pipeline import Request, Result, segment, segment_stream
 from ..refine import RefinerError, build_refiner
+from .hosting import Limits
 
 FORMATS = {"R-RLE": "rrle", "Full-length": "full", "Compare both": "compare"}
 USER_ERRORS = (ValueError, BadImage, ModelUnavailable, RefinerError)
@@ -213,7 +214,8 @@ def partial_grid(rows: list[list[str]], labels: list[str], size: int) -> np.ndar
 class Demo:
     """The app's state (loaded models and refiners, a scratch folder for downloads) and its actions."""
 
-    def __init__(self, default_model: str | None = None):
+    def __init__(self, default_model: str | None = None, limits: Limits | None = None):
+        self.limits = limits or Limits.from_env()
         self.model_name, self.model_note = choose_default(default_model)
         self.models, self.refiners = Models(), Refiners()
         try:  # load at start-up (on ZeroGPU too), so the first request does not wait for it
@@ -232,9 +234,15 @@ class Demo:
         request = Request(expression=(expression or "").strip(), classes=class_list if mode == "Multi-class" else None,
                           fmt=fmt, grid=int(grid) if grid else None,
                           constrained=constrained_default(model) if constrained is None else bool(constrained),
-                          max_new_tokens=int(max_new) if max_new else None, sam_points=int(points), seed=int(seed))
+                          max_new_tokens=self.limits.new_tokens(int(max_new) if max_new else None),
+                          sam_points=int(points), seed=int(seed))
         request.labels()  # validates, with a message for people
         return request
+
+    def _image(self, source):
+        """The upload as an RGB image with notes, within the host's limits."""
+        self.limits.upload(source)
+        return prepare(source, max_pixels=self.limits.max_pixels)
 
     def _out_of_memory(self, err) -> str:
         """Free what can be freed and say what to try instead."""
@@ -262,7 +270,8 @@ class Demo:
         if fmt == "compare":  # R-RLE first, by the R-RLE sibling of a full-length model
             name = RRLE_PARTNER.get(name, name)
         try:
-            image, notes = prepare(image_path)
+            self.limits.model(name)
+            image, notes = self._image(image_path)
             request = self.request(expression, mode, classes, "rrle" if fmt == "compare" else fmt, grid, constrained,
                                    points, seed, max_new, name)
             engine = self.models.get(name, quant)
@@ -344,7 +353,8 @@ class Demo:
         be served raises :class:`UserError` with what to do."""
         name = model or self.model_name
         try:
-            image, notes = prepare(image_file)
+            self.limits.model(name)
+            image, notes = self._image(image_file)
             request = self.request(expression, "Multi-class" if classes else "Referring", classes, fmt or None, None,
                                    constrained, points, seed, max_new_tokens, name)
             result = self._run(self.models.get(name, quant), image, request, self.refiners.get(refine))

@@ -14,6 +14,7 @@ from ..inference.devices import QUANTS
 from ..inference.hub import PRESETS
 from ..refine import REFINERS
 from .handlers import FORMATS, Demo, UserError, constrained_default
+from .hosting import Limits
 
 PAPER = "https://arxiv.org/abs/2410.09855"
 CSS = """
@@ -32,8 +33,11 @@ except ImportError:
         return fn
 
 
-def build_demo(default_model: str | None = None) -> gr.Blocks:
-    demo_state = Demo(default_model)
+def build_demo(default_model: str | None = None, public: bool = False) -> gr.Blocks:
+    """The page on ``default_model``; ``public`` (or a Space) limits what visitors may ask for."""
+    limits = Limits.from_env(public)
+    demo_state = Demo(default_model, limits)
+    models = limits.allowed_models if limits.public else [demo_state.model_name, *PRESETS]
 
     with gr.Blocks(title="Text4Seg demo", delete_cache=(600, 900)) as demo:
         gr.Markdown(
@@ -54,9 +58,9 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
                                                 "the model's raw behaviour)")
                 run = gr.Button("Segment", variant="primary", elem_id="run")
                 with gr.Accordion("Advanced", open=False):
-                    model_in = gr.Dropdown(list(dict.fromkeys([demo_state.model_name, *PRESETS])),
-                                           value=demo_state.model_name, allow_custom_value=True,
-                                           label="Model (preset, hub id or directory)")
+                    model_in = gr.Dropdown(list(dict.fromkeys(models)), value=demo_state.model_name,
+                                           allow_custom_value=not limits.public,
+                                           label="Model" if limits.public else "Model (preset, hub id or directory)")
                     quant = gr.Dropdown(list(QUANTS), value="auto", label="Precision")
                     fmt_in = gr.Radio(list(FORMATS), value="R-RLE", label="Descriptor format")
                     grid_in = gr.Number(value=None, precision=0, label="Grid size (empty: the model's own)")
@@ -151,10 +155,10 @@ def build_demo(default_model: str | None = None) -> gr.Blocks:
                     [classes, expression], api_visibility="private")
         model_in.change(lambda m: gr.update(value=constrained_default(m)), model_in, constrained,
                         api_visibility="private")
-        run.click(analyse, inputs, outputs, api_visibility="private")
-        expression.submit(analyse, inputs, outputs, api_visibility="private")
-        gr.api(on_gpu(segment), api_name="segment")
-    demo.queue(default_concurrency_limit=1, max_size=64)
+        run.click(analyse, inputs, outputs, api_visibility="private", time_limit=limits.time_limit_s)
+        expression.submit(analyse, inputs, outputs, api_visibility="private", time_limit=limits.time_limit_s)
+        gr.api(on_gpu(segment), api_name="segment", time_limit=limits.time_limit_s)
+    demo.queue(default_concurrency_limit=1, max_size=limits.queue_size)
     return demo
 
 

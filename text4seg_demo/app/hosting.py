@@ -1,0 +1,60 @@
+"""What a public demo allows its visitors: which models, how large an upload, how long an
+answer, how long a request, how many waiting. A Hugging Face Space (``SPACE_ID`` set), ``python
+app.py --public`` or ``TEXT4SEG_PUBLIC=1`` is public: visitors pick only the presets and the
+models the host lists, and every request is checked before anything is downloaded or read.
+Elsewhere only the size limits apply. Each limit is an environment variable of the host."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..inference.hub import PRESETS
+
+
+@dataclass(frozen=True)
+class Limits:
+    public: bool = False
+    allowed_models: tuple[str, ...] = tuple(PRESETS)  # in public mode; the presets and TEXT4SEG_ALLOWED_MODELS
+    max_pixels: int = 50_000_000  # TEXT4SEG_MAX_PIXELS: larger images are refused before they are decoded
+    max_file_mb: float = 25.0  # TEXT4SEG_MAX_FILE_MB
+    max_new_tokens: int = 8192  # TEXT4SEG_MAX_NEW_TOKENS: the cap of an answer's budget
+    time_limit_s: int = 300  # TEXT4SEG_TIME_LIMIT_S: per request
+    queue_size: int = 64  # TEXT4SEG_QUEUE_SIZE: requests waiting; more are turned away at once
+
+    @classmethod
+    def from_env(cls, public: bool = False) -> Limits:
+        env = os.environ
+        public = public or bool(env.get("SPACE_ID")) or env.get("TEXT4SEG_PUBLIC", "") not in ("", "0")
+        extra = tuple(m.strip() for m in env.get("TEXT4SEG_ALLOWED_MODELS", "").split(",") if m.strip())
+        defaults = cls()
+        return cls(public=public, allowed_models=tuple(dict.fromkeys([*PRESETS, *extra])),
+                   max_pixels=int(env.get("TEXT4SEG_MAX_PIXELS", defaults.max_pixels)),
+                   max_file_mb=float(env.get("TEXT4SEG_MAX_FILE_MB", defaults.max_file_mb)),
+                   max_new_tokens=int(env.get("TEXT4SEG_MAX_NEW_TOKENS", defaults.max_new_tokens)),
+                   time_limit_s=int(env.get("TEXT4SEG_TIME_LIMIT_S", defaults.time_limit_s)),
+                   queue_size=int(env.get("TEXT4SEG_QUEUE_SIZE", defaults.queue_size)))
+
+    def model(self, name: str) -> str:
+        """``name`` if visitors may use it; a public demo refuses anything else with a message."""
+        if self.public and name not in self.allowed_models:
+            raise ValueError(f"this public demo serves only {', '.join(self.allowed_models)}; run the project "
+                             f"yourself to try {name[:80]!r}")
+        return name
+
+    def upload(self, path) -> None:
+        """Refuse an upload larger than the host allows, before it is read."""
+        if isinstance(path, (str, Path)) and Path(path).is_file():
+            size_mb = Path(path).stat().st_size / 2**20
+            if size_mb > self.max_file_mb:
+                raise ValueError(f"the file is {size_mb:.0f} MB; this demo takes images up to "
+                                 f"{self.max_file_mb:g} MB")
+
+    def new_tokens(self, requested: int | None) -> int | None:
+        """The answer budget a visitor asked for, within the host's cap; refused when not positive."""
+        if requested is None:
+            return None
+        if requested < 1:
+            raise ValueError(f"max new tokens must be positive, got {requested}")
+        return min(requested, self.max_new_tokens)
