@@ -258,3 +258,19 @@ def test_completed_rows_grow_monotonically_to_the_final_grid(fmt):
         assert len(rows) >= seen
         seen = len(rows)
     assert seen == 16
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(codec.FORMATS), st.integers(0, 2**16), st.lists(st.integers(1, 9), min_size=1, max_size=400),
+       st.sampled_from(["", "|", "\n", " *3", "x", "</seg>", "<seg>", "||", "\n\n"]), st.integers(0, 10**6))
+def test_a_row_stream_reads_each_piece_once_and_agrees_with_completed_rows(fmt, bits, sizes, noise, at):
+    grid = np.array([(bits >> (i % 16)) & 1 for i in range(256)]).reshape(16, 16)
+    answer = wrap(encode(grid, HORSE, fmt), "Sure:")
+    at %= len(answer) + 1
+    answer = answer[:at] + noise + answer[at:]  # malformed answers stream like well-formed ones
+    stream, end = codec.RowStream(16, fmt), 0
+    for size in sizes:
+        piece, end = answer[end:end + size], end + size
+        assert stream.feed(piece) == codec.completed_rows(answer[:end], 16, fmt)
+        if end >= len(answer):
+            break

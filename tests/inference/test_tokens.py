@@ -49,3 +49,17 @@ def test_full_length_count_matches_the_vocabulary_notice(llama):
     # the shared vocabulary's notice measured 568 tokens for 200 others + 56 white horse
     body = "| ".join(["others"] * 200 + ["white horse"] * 56)
     assert len(llama(body)["input_ids"]) == 568
+
+
+@pytest.mark.parametrize("text", ["Sure, here is the mask for 'white horse':\n<seg>others *16\n others *4| white horse *6"
+                                  "| others *6\n</seg>", " café ☕ 白馬 *3| ünïcödé\n others| others| 😀 horse"])
+def test_incremental_decoding_gives_the_whole_decode_piece_by_piece(llama, text):
+    from text4seg_demo.inference.tokens import IncrementalDecoder
+    from text4seg_demo.training import tiny
+
+    for tokenizer in (llama, tiny.build_tokenizer(tiny.training_corpus(), label_tokens="words")):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        decoder = IncrementalDecoder(tokenizer)
+        deltas = [decoder.add(token) for token in ids]
+        assert "".join(deltas) == decoder.text == tokenizer.decode(ids, skip_special_tokens=True)
+        assert all("\ufffd" not in d for d in deltas)  # a split character waits until it is whole

@@ -388,3 +388,56 @@ def completed_rows(prefix: str, width: int, fmt: str = "rrle") -> list[list[str]
     done = body if end >= 0 else body[:cut + 1] if cut >= 0 else ""
     cells = _rows_of(done, fmt, reader)[0]
     return [cells[i:i + width] for i in range(0, len(cells) - width + 1, width)]
+
+
+class RowStream:
+    """:func:`completed_rows` of an answer that grows piece by piece, with constant work per
+    piece: each character is read once (the settled part of the body is never parsed again), so
+    streaming a long answer costs what parsing it once does."""
+
+    def __init__(self, width: int, fmt: str = "rrle"):
+        self.width, self.fmt = width, fmt
+        self.text = ""
+        self.rows: list[list[str]] = []
+        self.closed = False  # ``</seg>`` has arrived: nothing after it is read
+        self._body: int | None = None  # where the body starts in ``text``
+        self._read = 0  # the body is parsed up to here
+        self._cells: list[str] = []  # full-length cells not yet in a whole row
+        self._reader = _Reader(cap=width * 64)
+
+    def feed(self, piece: str) -> list[list[str]]:
+        """Add ``piece`` to the answer; return the rows finished so far (a new list each time)."""
+        start = len(self.text)
+        self.text += piece
+        if self.closed:
+            return list(self.rows)
+        if self._body is None:
+            opened = self.text.find(OPEN_TAG, max(0, start - len(OPEN_TAG)))
+            if opened < 0:
+                return []
+            self._body = self._read = opened + len(OPEN_TAG)
+        end = self.text.find(CLOSE_TAG, max(self._read, start - len(CLOSE_TAG)))
+        if end >= 0:
+            self.closed = True
+            settled = self.text[self._read:end]
+            if self.fmt == "rrle" and not settled.endswith("\n") and (settled or self._read == self._body):
+                settled += "\n"  # the last row ends with the tag, as in completed_rows
+            self._read = end
+        else:
+            cut = self.text.rfind("\n" if self.fmt == "rrle" else "|", self._read)
+            settled = self.text[self._read:cut + 1] if cut >= 0 else ""
+            self._read += len(settled)
+        if settled:
+            self._take(settled)
+        return list(self.rows)
+
+    def _take(self, settled: str) -> None:
+        read = _rows_of(settled, self.fmt, self._reader)
+        if self.fmt == "rrle":
+            self.rows += [(r + [r[-1] if r else OTHERS] * self.width)[:self.width] for r in read]
+            return
+        self._cells += read[0]
+        whole = len(self._cells) - len(self._cells) % self.width
+        self.rows += [self._cells[i:i + self.width] for i in range(0, whole, self.width)]
+        del self._cells[:whole]
+

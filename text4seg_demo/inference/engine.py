@@ -28,7 +28,7 @@ from ..descriptors.grammar import GrammarConstraint, ebnf, grammar_char_budget
 from .attention import image_block_mask
 from .positions import AnswerPositions
 from .settings import Settings
-from .tokens import count_tokens
+from .tokens import IncrementalDecoder, count_tokens
 
 
 @dataclass
@@ -209,8 +209,8 @@ class Text4SegModel:
             timings["grammar"] = time.perf_counter() - t0
         logits, cache, counts = self._prefill(image, question, timings)
         positions = AnswerPositions(counts["prompt"], grid, fmt, "grid") if self.settings.positions == "grid" else None
-        ids: list[int] = []
-        text = ""
+        decoder, rows = IncrementalDecoder(self.tokenizer), codec.RowStream(grid, fmt)
+        ids = decoder.ids
         eos = self.tokenizer.eos_token_id
         t_decode = time.perf_counter()
         while len(ids) < budget:
@@ -222,14 +222,13 @@ class Text4SegModel:
                 constraint.accept(token)
             if token == eos:
                 break
-            ids.append(token)
-            new = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if not new.endswith("\ufffd"):
-                delta, text = new[len(text):], new
-                yield StreamEvent(delta, text, codec.completed_rows(text, grid, fmt))
-            if codec.CLOSE_TAG in text or (constraint is not None and constraint.finished):
+            delta = decoder.add(token)
+            if delta:
+                yield StreamEvent(delta, decoder.text, rows.feed(delta))
+            closed = codec.CLOSE_TAG in decoder.text[-(len(delta) + len(codec.CLOSE_TAG)):] if delta else False
+            if closed or (constraint is not None and constraint.finished):
                 break
-            logits = self._step(token, cache, positions.advance(new) if positions else None)
+            logits = self._step(token, cache, positions.advance(decoder.text) if positions else None)
         _sync(self.device)
         timings["decode"] = time.perf_counter() - t_decode
         text = self.tokenizer.decode(ids, skip_special_tokens=True)

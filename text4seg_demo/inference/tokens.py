@@ -33,3 +33,30 @@ def load_tokenizer(source: str | Path):
 def count_tokens(tokenizer, text: str) -> int:
     """Tokens the text costs on its own (no BOS/EOS), as the model would generate it."""
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class IncrementalDecoder:
+    """The text of a growing answer, one token at a time, with constant work per token.
+
+    Each step decodes only the tokens since the last settled boundary, against the same tokens
+    without the new one, as streaming servers do: a character split across tokens waits until it
+    is whole, and a SentencePiece word-initial space comes out as a whole decode gives it."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = 0  # decoding restarts here: a boundary that is settled
+        self._read = 0  # tokens up to here are already in ``text``
+
+    def add(self, token: int) -> str:
+        """Append ``token``; return the text it completes (empty while a character is unfinished)."""
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        delta = after[len(before):]
+        self._prefix, self._read = self._read, len(self.ids)
+        self.text += delta
+        return delta
