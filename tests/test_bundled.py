@@ -97,3 +97,5 @@ def test_bench_sets_the_bundled_models_side_by_side(tmp_path, monkeypatch):
         assert report["answers_llama"][part]["mean_tokens_full"] > report["answers_llama"][part]["mean_tokens_rrle"]
     assert report["constrained"]["malformed_rate"] == 0
     assert set(report["prefix_cache"]) == {"n", "question_first", "llava_v1"}
+    for side in report["loop_overhead"].values():  # per-token costs of the loop and of its bare forward passes
+        assert side["n"] == 2 and side["overhead"] == side["loop_s_per_token"] / side["forward_s_per_token"]

@@ -80,6 +80,8 @@ def bench(data: str, rrle_model: str = "tiny-rrle", full_model: str = "tiny-full
         "replayed_full": _replayed(rrle, rrle_rows[: min(20, len(rrle_rows))]),
         "constrained": _constrained(rrle, items[: min(20, len(items))]),
         "prefix_cache": _prefix_cache(rrle, items[: min(20, len(items))]),
+        "loop_overhead": {fmt: _loop_overhead(engine, items[: min(20, len(items))])
+                          for fmt, engine in (("rrle", rrle), ("full", full))},
     }
     return out
 
@@ -127,6 +129,19 @@ def _replayed(engine, rows) -> dict:
     own = _mean([r["decode_s"] for r in rows])
     return {"replayed": True, "n": len(rows), "mean_tokens": _mean(tokens), "mean_decode_s": _mean(decode),
             "decode_speedup": _mean(decode) / own}
+
+
+def _loop_overhead(engine, items) -> dict:
+    """What the decode loop costs beyond the model: each answer's decode time against the bare
+    forward passes over the same text right after it (:meth:`Text4SegModel.replay`), per token."""
+    loop, bare = [], []
+    for image, expression in items:
+        row = _query(engine, image, expression)
+        replayed = engine.replay(image, engine.question(expression), row["text"])
+        loop.append(row["decode_s"] / max(1, row["generated"]))
+        bare.append(replayed.timings["decode"] / max(1, replayed.tokens["generated"] - 1))
+    return {"n": len(items), "loop_s_per_token": _mean(loop), "forward_s_per_token": _mean(bare),
+            "overhead": _mean(loop) / _mean(bare)}
 
 
 def _constrained(engine, items) -> dict:
