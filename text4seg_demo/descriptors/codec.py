@@ -1,7 +1,7 @@
 """Semantic descriptors: the text that Text4Seg models read and write.
 
 A descriptor gives one label per image patch of an H x W grid. Three body formats exist
-(see the README for the exact grammar):
+(see docs/formats.md for the exact grammar):
 
 * ``rrle`` -- row-wise run-length encoding, the format the released checkpoints emit:
   ``others *16\\n others *4| white horse *6| others *6\\n ...\\n``

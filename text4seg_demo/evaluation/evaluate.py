@@ -18,7 +18,7 @@ from .metrics import IoUMeter
 
 def evaluate(engine: Text4SegModel | None, data: str, refiner=None, constrained: bool = False,
              limit: int | None = None, progress: bool = True, grid: int = 16) -> dict:
-    """Score every query of ``data``; the JSON fields are documented in the README.
+    """Score every query of ``data``; the JSON fields are documented in docs/evaluation.md.
 
     With ``engine=None`` the coarse mask is the oracle one (the truth taken to the grid and
     back), which measures a refiner on its own; each refine then runs twice on its image to

@@ -8,7 +8,7 @@ image block (as Gemma 3 and PaliGemma do for their image tokens) every image tok
 other, and the text stays causal. It is a setting of the tiny models (``text4seg.json``): the
 bundled ones use it, the released checkpoint is causal. From a tower stage it learnt more slowly
 than causal attention; once a model reads its words, it is what taught the position words
-(README, *Reading the position word*).
+(docs/training-log.md, *Reading the position word*).
 
 Both the trainer and the backend build the mask here, so the two cannot disagree.
 """
