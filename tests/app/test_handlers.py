@@ -116,3 +116,22 @@ def test_a_demo_holds_uploads_and_answers_to_the_hosts_limits(tmp_path):
     assert result["tokens"]["generated"] <= 40  # the host's cap, not the visitor's 10k
     with pytest.raises(UserError, match="must be positive"):
         strict.segment_api(str(tmp_path / "small.png"), "the blue square", max_new_tokens=-5)
+
+
+def test_a_space_receives_the_app_and_nothing_of_training_data_or_caches(tmp_path):
+    from huggingface_hub.utils import filter_repo_objects
+
+    from text4seg_demo.app.hosting import SPACE_EXCLUDE, SPACE_INCLUDE
+
+    root = Path(__file__).resolve().parents[2]
+    files = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".git" not in p.parts]
+    sent = set(filter_repo_objects(files, allow_patterns=list(SPACE_INCLUDE), ignore_patterns=list(SPACE_EXCLUDE)))
+    assert {"app.py", "requirements.txt", "README.md", "assets/tiny-rrle/model.safetensors",
+            "assets/tiny-full/model.safetensors", "examples/synthetic/manifest.jsonl"} <= sent
+    package = {f for f in files if f.startswith("text4seg_demo/") and f.endswith(".py")}
+    assert package <= sent
+    assert not [f for f in sent if f.split("/")[0] in ("runs", "data", "tests", "docs") or "__pycache__" in f
+                or f.endswith(".pyc")]
+    command = (root / "README.md").read_text().split("## Deploy", 1)[1]
+    assert all(f'--include "{pattern}"' in command for pattern in SPACE_INCLUDE)
+    assert all(f'--exclude "{pattern}"' in command for pattern in SPACE_EXCLUDE)

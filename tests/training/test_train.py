@@ -165,6 +165,7 @@ def test_expression_similarity_tells_what_whole_tokens_encode():
         "expression_cosine_other_colour": pytest.approx(1.0), "expression_cosine_other_kind": pytest.approx(0.0)}
 
 
+@pytest.mark.slow
 def test_the_tower_probe_reads_what_the_features_hold():
     model = LlavaForConditionalGeneration.from_pretrained("assets/tiny-rrle", dtype=torch.float32).eval()
     processor = tiny.build_image_processor()

@@ -12,6 +12,12 @@ from pathlib import Path
 
 from ..inference.hub import PRESETS
 
+# What a Hugging Face Space receives (`hf upload --repo-type space USER/NAME . --include ... --exclude ...`,
+# README *Deploy*): the app, its package, the bundled weights and the examples; never training
+# runs, data sets, tests or caches.
+SPACE_INCLUDE = ("app.py", "requirements.txt", "README.md", "text4seg_demo/*", "assets/*", "examples/*")
+SPACE_EXCLUDE = ("*__pycache__*", "*.pyc")
+
 
 @dataclass(frozen=True)
 class Limits:
