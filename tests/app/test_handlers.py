@@ -135,3 +135,17 @@ def test_a_space_receives_the_app_and_nothing_of_training_data_or_caches(tmp_pat
     command = (root / "README.md").read_text().split("## Deploy", 1)[1]
     assert all(f'--include "{pattern}"' in command for pattern in SPACE_INCLUDE)
     assert all(f'--exclude "{pattern}"' in command for pattern in SPACE_EXCLUDE)
+
+
+def test_the_compare_api_returns_what_the_page_shows(demo):
+    record = demo.compare_api(str(EXAMPLE), "the blue square")
+    rrle, full = record["rrle"], record["full"]
+    assert rrle["source"] == "written by its own model" and full["source"] == "written by tiny-full"
+    assert not rrle["replayed"] and not full["replayed"]
+    assert full["generated_tokens"] > 3 * rrle["generated_tokens"] > 0
+    assert full["descriptor_tokens"] > rrle["descriptor_tokens"] > 0 and rrle["ttft_s"] > 0
+    assert record["token_reduction"] == round(1 - rrle["generated_tokens"] / full["generated_tokens"], 3)
+    assert record["decode_speedup"] == round(full["decode_s"] / rrle["decode_s"], 2)
+    with pytest.raises(UserError, match="expression is empty"):
+        demo.compare_api(str(EXAMPLE), "")
+

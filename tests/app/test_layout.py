@@ -57,6 +57,13 @@ def test_segment_returns_a_well_formed_result(client):
     assert result["refine"]["refiner"] == "grabcut"
 
 
+def test_compare_is_an_api_endpoint_with_the_pages_figures(client):
+    record = client.predict(handle_file(str(EXAMPLE)), "the blue square", api_name="/compare")
+    assert set(record) == {"rrle", "full", "token_reduction", "decode_speedup"}
+    assert record["full"]["generated_tokens"] > record["rrle"]["generated_tokens"] > 0
+    assert record["full"]["source"] == "written by tiny-full"
+
+
 def test_bad_inputs_get_messages_and_the_app_stays_up(client, tmp_path):
     assert "no image given" in error_of(client, None, "the star")
     assert "expression is empty" in error_of(client, EXAMPLE, "   ")

@@ -200,6 +200,15 @@ def decoupled(stream: Iterator, every_s: float = 0.1) -> Iterator:
             return
 
 
+def _side_record(result, source: str) -> dict:
+    """One side of a comparison: tokens generated and inside the descriptors, time to first token
+    and decode seconds (model work only), and who wrote it (its own model, or replayed)."""
+    tokens, timings = result.tokens, result.timings
+    return {"generated_tokens": tokens["generated"], "descriptor_tokens": tokens.get("descriptor"),
+            "ttft_s": round(timings.get("ttft", 0.0), 4), "decode_s": round(timings["decode"], 4),
+            "source": source, "replayed": bool(getattr(result, "replayed", False))}
+
+
 def partial_grid(rows: list[list[str]], labels: list[str], size: int) -> np.ndarray:
     """The rows written so far as label ids on a ``size x size`` grid; the rest is background."""
     grid = np.zeros((size, size), dtype=np.int32)
@@ -324,27 +333,40 @@ class Demo:
     def compare(self, engine, name, quant, image, request, rrle_result) -> dict:
         """The same input written as full-length descriptors: by the full-length model where one
         exists, else by replaying the full-length text of this grid through this model. Returns
-        the full-length grid view, a sentence, and a table of tokens and decode milliseconds."""
+        the full-length grid view, a sentence, a table of tokens and decode milliseconds, and the
+        ``record`` the ``compare`` API returns (the same figures)."""
         partner = FULL_PARTNER.get(name)
         request = Request(**{**request.__dict__, "fmt": "full"})
         if partner:
             full = self._run(self.models.get(partner, quant), image, request, None)
-            side, how = full, f"written by `{partner}`"
-            full_tokens, full_decode = full.tokens["generated"], full.timings["decode"]
+            side, how, generation = full, f"written by `{partner}`", full
         else:
             question = engine.question(request.labels()[0], request.classes)
-            answer_text = codec.wrap(codec.encode(rrle_result.grid, rrle_result.labels, "full"), "Sure:")
-            replay = engine.replay(image, question, answer_text)
+            body = codec.encode(rrle_result.grid, rrle_result.labels, "full")
+            replay = engine.replay(image, question, codec.wrap(body, "Sure:"))
+            replay.tokens["descriptor"] = engine.count_tokens(body)
             side, how = rrle_result, "**replayed**: the full-length text of this grid force-decoded through the model"
-            full_tokens, full_decode = replay.tokens["generated"], replay.timings["decode"]
-        rows = [("R-RLE", rrle_result.tokens["generated"], rrle_result.timings["decode"]),
-                ("Full-length", full_tokens, full_decode)]
-        table = pd.DataFrame([(f, t, round(s * 1000, 1)) for f, t, s in rows],
+            generation = replay
+        record = {"rrle": _side_record(rrle_result, "written by its own model"),
+                  "full": _side_record(generation, how.replace("*", "").replace("`", ""))}
+        record["token_reduction"] = round(1 - record["rrle"]["generated_tokens"]
+                                          / max(1, record["full"]["generated_tokens"]), 3)
+        record["decode_speedup"] = round(record["full"]["decode_s"] / max(record["rrle"]["decode_s"], 1e-9), 2)
+        table = pd.DataFrame([(f, record[k]["generated_tokens"], round(record[k]["decode_s"] * 1000, 1))
+                              for f, k in (("R-RLE", "rrle"), ("Full-length", "full"))],
                              columns=["format", "tokens", "decode ms"])
         return {"grid": render.grid_view(image, side.grid, side.labels),
-                "note": f"Full-length side {how}. R-RLE used {1 - rows[0][1] / max(1, rows[1][1]):.0%} fewer "
-                        f"tokens and decoded {rows[1][2] / max(rows[0][2], 1e-9):.1f}x faster.",
-                "table": table}
+                "note": f"Full-length side {how}. R-RLE used {record['token_reduction']:.0%} fewer tokens and "
+                        f"decoded {record['decode_speedup']:.1f}x faster.",
+                "table": table, "record": record}
+
+    def compare_api(self, image_file, expression: str, model: str = "", quant: str = "auto") -> dict:
+        """The ``compare`` API: what *Compare both* shows, as JSON (see :func:`_side_record`)."""
+        final = list(self.analyse(image_file, expression, name=model or None, quant=quant,
+                                  fmt_choice="Compare both", constrained=False, refine="none"))[-1]
+        if not final.get("compare"):
+            raise UserError(final["status"].removeprefix("⚠️ "))
+        return final["compare"]["record"]
 
     def segment_api(self, image_file, expression: str, classes: str = "", fmt: str = "",
                     constrained: bool | None = None, refine: str = "auto", points: int = 10, seed: int = 0,

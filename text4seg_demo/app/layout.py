@@ -146,6 +146,24 @@ def build_demo(default_model: str | None = None, public: bool = False) -> gr.Blo
             except UserError as err:
                 raise gr.Error(str(err)) from None
 
+        def compare(image: FileData, expression: str, model: str = "", quant: str = "auto") -> dict:
+            """R-RLE against full-length descriptors on one image and expression, as *Compare both*
+            shows it: for each side the generated and descriptor tokens, time to first token and
+            decode seconds (model work only) and who wrote it (its own model, or replayed), then
+            the token reduction and the decode speed-up.
+
+            Args:
+                image: the picture (PNG, JPEG or WebP)
+                expression: what to segment, e.g. "the red circle"
+                model: a preset name (empty: the app's model)
+                quant: auto, 4bit, 8bit, bf16, fp16 or fp32
+            """
+            path = image.get("path") if isinstance(image, dict) else image
+            try:
+                return demo_state.compare_api(path, expression, model, quant)
+            except UserError as err:
+                raise gr.Error(str(err)) from None
+
         inputs = [image_in, expression, mode, classes, model_in, quant, fmt_in, grid_in, constrained, refine, points,
                   seed, max_new]
         outputs = [status, answer, grid_view, masks, metrics, downloads, compare_box, compare_grid, compare_note,
@@ -158,6 +176,7 @@ def build_demo(default_model: str | None = None, public: bool = False) -> gr.Blo
         run.click(analyse, inputs, outputs, api_visibility="private", time_limit=limits.time_limit_s)
         expression.submit(analyse, inputs, outputs, api_visibility="private", time_limit=limits.time_limit_s)
         gr.api(on_gpu(segment), api_name="segment", time_limit=limits.time_limit_s)
+        gr.api(on_gpu(compare), api_name="compare", time_limit=limits.time_limit_s)
     demo.queue(default_concurrency_limit=1, max_size=limits.queue_size)
     return demo
 
