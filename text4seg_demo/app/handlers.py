@@ -339,16 +339,16 @@ class Demo:
         request = Request(**{**request.__dict__, "fmt": "full"})
         if partner:
             full = self._run(self.models.get(partner, quant), image, request, None)
-            side, how, generation = full, f"written by `{partner}`", full
+            side, generation, source, how = full, full, f"written by {partner}", f"written by `{partner}`"
         else:
             question = engine.question(request.labels()[0], request.classes)
             body = codec.encode(rrle_result.grid, rrle_result.labels, "full")
             replay = engine.replay(image, question, codec.wrap(body, "Sure:"))
             replay.tokens["descriptor"] = engine.count_tokens(body)
-            side, how = rrle_result, "**replayed**: the full-length text of this grid force-decoded through the model"
-            generation = replay
+            side, generation, source = rrle_result, replay, "replayed through this model"
+            how = "**replayed**: the full-length text of this grid force-decoded through the model"
         record = {"rrle": _side_record(rrle_result, "written by its own model"),
-                  "full": _side_record(generation, how.replace("*", "").replace("`", ""))}
+                  "full": _side_record(generation, source)}
         record["token_reduction"] = round(1 - record["rrle"]["generated_tokens"]
                                           / max(1, record["full"]["generated_tokens"]), 3)
         record["decode_speedup"] = round(record["full"]["decode_s"] / max(record["rrle"]["decode_s"], 1e-9), 2)
