@@ -211,12 +211,42 @@ def cmd_card(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation.evaluate import evaluate
+    from .evaluation.evaluate import Replica, evaluate
 
-    engine = None if args.oracle else _load_model(args)
-    report = evaluate(engine, args.data, refiner=_refiner(args), constrained=args.constrained, limit=args.limit,
-                      grid=args.grid or 16)
+    if args.oracle and args.workers > 1:
+        raise ValueError("--workers runs model replicas; --oracle has no model")
+    if args.workers > 1:  # each worker loads its own model and refiner
+        engine, refiner = None, None
+        replica = Replica(args.model, args.quant, args.device, args.adapter, args.grid, args.refine, args.sam_checkpoint)
+    else:
+        engine, refiner, replica = None if args.oracle else _load_model(args), _refiner(args), None
+    report = evaluate(engine, args.data, refiner=refiner, constrained=args.constrained, limit=args.limit,
+                      grid=args.grid or 16, rows=args.rows, resume=args.resume, replica=replica, workers=args.workers)
     _emit(report, args.json, drop=("queries",))
+    return 0
+
+
+def cmd_data_refcoco(args) -> int:
+    from tqdm import tqdm
+
+    from .datasets.refer import convert
+
+    with tqdm(desc=f"{args.dataset}/{args.split}", unit="referent") as bar:
+        done = convert(args.refer, args.images, args.dataset, args.split, args.out, progress=lambda: bar.update(1))
+    print(done.summary(), file=sys.stderr)
+    return 0
+
+
+def cmd_data_train_json(args) -> int:
+    from tqdm import tqdm
+
+    from .datasets.conversations import write_training_json
+
+    with tqdm(desc="conversations", unit="query") as bar:
+        written = write_training_json(args.manifest, args.out, args.grid, args.format, args.style, args.seed,
+                                      progress=lambda: bar.update(1))
+    skipped = "".join(f"; skipped {n} {why}" for why, n in written.skipped.items())
+    print(f"{written.records} {args.style} conversations written to {written.path}{skipped}", file=sys.stderr)
     return 0
 
 
@@ -381,7 +411,34 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--grid", type=_grid, help="grid the evaluation runs at (default: the model's own; "
                                                 "16 for --oracle)")
     ev.add_argument("--json", type=Path, help="write the full report (with per-query rows) here")
+    ev.add_argument("--rows", type=Path, help="stream each query's row to this JSONL file as it is done")
+    ev.add_argument("--resume", action="store_true", help="keep the rows already in --rows and skip their queries")
+    ev.add_argument("--workers", type=int, default=1,
+                    help="score queries on N model replicas in N processes (one per GPU in turn; default 1)")
     ev.set_defaults(func=cmd_eval)
+
+    from .datasets.conversations import STYLES
+    from .datasets.refer import DATASETS
+
+    data = commands.add_parser("data", help="standard datasets in, Text4Seg training data out")
+    data_cmds = data.add_subparsers(dest="action", required=True)
+    ref = data_cmds.add_parser("refcoco", help="a RefCOCO-family split as a manifest (one query per sentence)",
+                               description="Reads REFER/DATASET/instances.json with refs(unc).p, refs(umd).p "
+                                           "(refcocog) or grefs(unc).json (grefcoco), and COCO's train2014 images.")
+    ref.add_argument("--refer", type=Path, required=True, help="the folder holding refcoco/, refcoco+/, ...")
+    ref.add_argument("--images", type=Path, required=True, help="COCO's train2014 image folder")
+    ref.add_argument("--dataset", choices=list(DATASETS), required=True)
+    ref.add_argument("--split", required=True, help="train, val, testA, testB (refcocog: train, val, test)")
+    ref.add_argument("--out", type=Path, required=True, help="directory for manifest.jsonl and masks/")
+    ref.set_defaults(func=cmd_data_refcoco)
+    tj = data_cmds.add_parser("train-json", help="Text4Seg training conversations from a manifest")
+    tj.add_argument("--manifest", type=Path, required=True, help="directory with manifest.jsonl")
+    tj.add_argument("--grid", type=_grid, default=16)
+    tj.add_argument("--format", choices=codec.FORMATS, default="rrle")
+    tj.add_argument("--style", choices=STYLES, default="llava", help="LLaVA conversations or ms-swift messages")
+    tj.add_argument("--seed", type=int, default=0, help="seed of the question and lead-in draws")
+    tj.add_argument("--out", type=Path, required=True, help="the JSON file to write")
+    tj.set_defaults(func=cmd_data_train_json)
 
     be = commands.add_parser("bench", help="R-RLE vs full-length, constrained decoding and caches, as ratios")
     be.add_argument("--data", type=Path, required=True, help="directory with manifest.jsonl")

@@ -1,5 +1,6 @@
-"""``text4seg eval``'s aggregation."""
+"""``text4seg eval``: aggregation, gRefCOCO's accuracies, rows streamed to disk and resume."""
 
+import json
 
 import numpy as np
 import pytest
@@ -10,42 +11,105 @@ from text4seg_demo.evaluation import evaluate as evaluate_module
 from text4seg_demo.pipeline import Result
 
 
-def test_eval_aggregates_like_the_reference(tmp_path, monkeypatch):
-    # three 32 x 32 queries: a half-image target predicted exactly, an empty target predicted
-    # empty, and the half-image target again predicted empty
-    (tmp_path / "i").mkdir()
-    Image.new("RGB", (32, 32)).save(tmp_path / "i" / "x.png")
-    half = np.zeros((32, 32), np.uint8)
-    half[:16] = 255
-    Image.fromarray(half).save(tmp_path / "i" / "half.png")
-    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "i" / "none.png")
-    (tmp_path / "manifest.jsonl").write_text(
-        '{"image": "i/x.png", "expression": "top", "mask": "i/half.png", "kind": "side"}\n'
-        '{"image": "i/x.png", "expression": "nothing", "mask": "i/none.png", "kind": "absent"}\n'
-        '{"image": "i/x.png", "expression": "upper", "mask": "i/half.png", "kind": "side"}\n')
-    answers = iter([half > 0, np.zeros((32, 32), bool), np.zeros((32, 32), bool)])
+class Engine:
+    name, settings = "fake", type("S", (), {"grid": 16})()
+
+
+def _answering(monkeypatch, answers, calls=None):
+    """``segment`` replaced by one that returns the next of ``answers`` (32 x 32 masks), or
+    raises it if it is an exception."""
+    answers = iter(answers)
 
     def fake_segment(engine, image, request, refiner=None):
-        coarse = next(answers).astype(np.int32)
+        if calls is not None:
+            calls.append(request.expression)
+        answer = next(answers)
+        if isinstance(answer, BaseException):
+            raise answer
+        coarse = answer.astype(np.int32)
         return Result(text="", grid=coarse[::2, ::2], labels=["others", request.expression],
                       diagnostics=[Diagnostic("padded", 1, "")] if request.expression == "top" else [],
-                      coarse=coarse, refined=None, tokens={"generated": 10}, timings={"total": 0.1}, model="m",
-                      quant="fp32", device="cpu", fmt="rrle", constrained=False)
+                      coarse=coarse, refined=coarse if request.expression != "top" else None,
+                      tokens={"generated": 10}, timings={"total": 0.1}, model="m", quant="fp32", device="cpu",
+                      fmt="rrle", constrained=False)
 
     monkeypatch.setattr(evaluate_module, "segment", fake_segment)
 
-    class Engine:
-        name, settings = "fake", type("S", (), {"grid": 16})()
 
+def _manifest(root, lines):
+    (root / "i").mkdir(exist_ok=True)
+    Image.new("RGB", (32, 32)).save(root / "i" / "x.png")
+    half = np.zeros((32, 32), np.uint8)
+    half[:16] = 255
+    Image.fromarray(half).save(root / "i" / "half.png")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "i" / "none.png")
+    (root / "manifest.jsonl").write_text("".join(
+        json.dumps({"image": "i/x.png", "expression": e, "mask": f"i/{m}.png", "kind": k}) + "\n" for e, m, k in lines))
+    return half > 0
+
+
+def test_eval_aggregates_like_the_reference(tmp_path, monkeypatch):
+    # three 32 x 32 queries: a half-image target predicted exactly, an empty target predicted
+    # empty, and the half-image target again predicted empty
+    half = _manifest(tmp_path, [("top", "half", "side"), ("nothing", "none", "absent"), ("upper", "half", "side")])
+    _answering(monkeypatch, [half, np.zeros((32, 32), bool), np.zeros((32, 32), bool)])
     report = evaluate_module.evaluate(Engine(), str(tmp_path), progress=False)
     assert report["n"] == 3
     # cIoU sums over queries: 512 target pixels found of 1024 in the union
-    assert report["ciou"] == {"coarse": 0.5, "refined": None}
-    assert report["giou"] == {"coarse": pytest.approx(2 / 3), "refined": None}  # empty/empty counts 1
+    assert report["ciou"] == {"coarse": 0.5, "refined": 0.0}  # refined only on the two queries answered empty
+    assert report["giou"] == {"coarse": pytest.approx(2 / 3), "refined": 0.5}  # empty/empty counts 1
     assert report["grid_ciou"] == 0.5 and report["oracle_ciou"] == 1.0
     assert report["grid_prec50"] == pytest.approx(2 / 3)  # the target found in two queries of three
     assert report["malformed_rate"] == pytest.approx(1 / 3) and report["mean_generated_tokens"] == 10
-    assert report["by_kind"] == {
-        "absent": {"n": 1, "grid_ciou": 1.0, "grid_giou": 1.0, "grid_prec50": 1.0, "coarse_ciou": 1.0},
-        "side": {"n": 2, "grid_ciou": 0.5, "grid_giou": 0.5, "grid_prec50": 0.5, "coarse_ciou": 0.5}}
+    assert report["by_kind"]["side"] == {"n": 2, "grid_ciou": 0.5, "grid_giou": 0.5, "grid_prec50": 0.5,
+                                         "coarse_ciou": 0.5, "coarse_giou": 0.5, "refined_ciou": 0.0,
+                                         "refined_giou": 0.0}
+    assert report["by_kind"]["absent"]["n_acc"] == {"grid": 1.0, "coarse": 1.0, "refined": 1.0}
     assert [q["kind"] for q in report["queries"]] == ["side", "absent", "side"]
+
+
+def test_no_target_and_target_accuracies_as_grefcoco_defines_them(tmp_path, monkeypatch):
+    # two no-target queries (one answered empty, one not) and three with a target (two found)
+    half = _manifest(tmp_path, [("a", "none", "g"), ("b", "none", "g"), ("c", "half", "g"), ("d", "half", "g"),
+                                ("e", "half", "g")])
+    nothing, corner = np.zeros((32, 32), bool), np.zeros((32, 32), bool)
+    corner[30:, 30:] = True  # a wrong, non-empty answer: counts as "there is a target"
+    _answering(monkeypatch, [nothing, corner, half, corner, nothing])
+    report = evaluate_module.evaluate(Engine(), str(tmp_path), progress=False)
+    assert report["no_target"]["n"] == 2
+    assert report["no_target"]["n_acc"]["coarse"] == 0.5
+    assert report["no_target"]["t_acc"]["coarse"] == pytest.approx(2 / 3)
+    # gIoU: the empty answer on no target scores 1, the corner on no target 0; cIoU ignores the first
+    assert report["giou"]["coarse"] == pytest.approx((1 + 0 + 1 + 0 + 0) / 5)
+
+
+def test_rows_stream_to_disk_and_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):
+    half = _manifest(tmp_path, [(e, "half", "k") for e in "abcde"])
+    answers = [half, np.zeros((32, 32), bool), half, half, np.zeros((32, 32), bool)]
+    _answering(monkeypatch, answers)
+    whole = evaluate_module.evaluate(Engine(), str(tmp_path), progress=False, rows=tmp_path / "whole.jsonl")
+
+    calls = []
+    _answering(monkeypatch, answers[:2] + [KeyboardInterrupt()], calls)  # Ctrl-C at the third query
+    rows = tmp_path / "rows.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_module.evaluate(Engine(), str(tmp_path), progress=False, rows=rows)
+    assert len(rows.read_text().splitlines()) == 2  # what was done is on disk
+    with open(rows, "a") as f:
+        f.write('{"index": 2, "model": "fa')  # a row cut off mid-write
+    with pytest.raises(FileExistsError, match="--resume"):  # never overwritten by accident
+        evaluate_module.evaluate(Engine(), str(tmp_path), progress=False, rows=rows)
+
+    calls.clear()
+    _answering(monkeypatch, answers[2:], calls)
+    resumed = evaluate_module.evaluate(Engine(), str(tmp_path), progress=False, rows=rows, resume=True)
+    assert calls == ["c", "d", "e"]  # only what was missing
+    assert len(rows.read_text().splitlines()) == 5
+    for key in ("ciou", "giou", "grid_ciou", "by_kind", "malformed_rate"):
+        assert resumed[key] == whole[key]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    _manifest(other, [(e, "half", "k") for e in "vwxyz"])
+    with pytest.raises(ValueError, match="does not match query 0 of this manifest"):
+        evaluate_module.evaluate(Engine(), str(other), progress=False, rows=rows, resume=True)

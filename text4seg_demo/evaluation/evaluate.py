@@ -1,8 +1,18 @@
-"""``text4seg eval``: a model (and optionally a refiner) on a manifest, with the reference metrics."""
+"""``text4seg eval``: a model (and optionally a refiner) on a manifest, with the reference metrics.
+
+Each query is scored into a row of pixel counts (:func:`score`); the report is computed from
+the rows alone (:func:`summarise`). So rows can stream to a JSONL file as they are done, an
+interrupted run can resume from that file, and replicas in other processes can score queries.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -12,74 +22,227 @@ from ..images import prepare
 from ..inference.engine import Text4SegModel
 from ..masks import load_mask, to_grid, to_image
 from ..pipeline import Request, Result, segment
-from .manifest import read_manifest
-from .metrics import IoUMeter
+from .manifest import Query, read_manifest
+from .metrics import IoUMeter, counts
+
+MASKS = ("grid", "coarse", "refined")  # the answers a row scores; "oracle" is the truth's own grid
+
+
+@dataclass(frozen=True)
+class Replica:
+    """How a worker process builds its own model and refiner (``eval --workers N``)."""
+
+    model: str
+    quant: str = "auto"
+    device: str | None = None
+    adapter: str | None = None
+    grid: int | None = None
+    refine: str = "none"
+    sam_checkpoint: str | None = None
+
+    def build(self, ordinal: int = 0):
+        """The engine and refiner of worker ``ordinal``; on a machine with several GPUs and no
+        ``device`` named, worker k takes GPU k modulo their number."""
+        import torch
+
+        from ..inference.loading import load
+        from ..refine import build_refiner
+
+        device = self.device
+        if device is None and torch.cuda.is_available():
+            device = f"cuda:{ordinal % torch.cuda.device_count()}"
+        engine = load(self.model, quant=self.quant, device=device, adapter=self.adapter, grid=self.grid,
+                      log=lambda message: None)
+        refiner = None if self.refine == "none" else build_refiner(self.refine, device=device,
+                                                                   checkpoint=self.sam_checkpoint)
+        return engine, refiner
+
+
+def score(engine: Text4SegModel | None, refiner, query: Query, index: int, constrained: bool = False,
+          grid: int = 16) -> dict:
+    """One query's row: pixel counts of every answer mask, tokens, latency and diagnostics.
+
+    With ``engine=None`` the coarse mask is the oracle one (the truth taken to the grid and
+    back), which measures a refiner on its own; the refiner then runs twice on the image to
+    time a first and a repeat query at ``grid``; a model runs at its own grid.
+    """
+    grid = engine.settings.grid if engine is not None else grid
+    image, _ = prepare(query.image, max_side=10**6)
+    truth = load_mask(query.mask)
+    truth_grid = to_grid(truth.astype(np.uint8), grid).astype(bool)
+    row = {"index": index, "image": str(query.image), "expression": query.expression, "grid": grid}
+    t0 = time.perf_counter()
+    if engine is None:
+        result = _oracle(image, query.expression, truth_grid, refiner, grid)
+        if refiner is not None:
+            row["refine_first_s"] = result.timings["refine"]
+            t1 = time.perf_counter()
+            refiner.refine(image, result.coarse, result.labels, grid=grid)
+            row["refine_repeat_s"] = time.perf_counter() - t1
+    else:
+        result = segment(engine, image, Request(expression=query.expression, constrained=constrained), refiner)
+    row["latency_s"] = round(time.perf_counter() - t0, 4)
+    row["counts"] = {"grid": counts(result.grid > 0, truth_grid), "coarse": counts(result.coarse > 0, truth),
+                     "oracle": counts(to_image(truth_grid, *truth.shape), truth)}
+    if result.refined is not None:
+        row["counts"]["refined"] = counts(result.refined > 0, truth)
+    for mask in MASKS:
+        if mask in row["counts"]:
+            inter, union, _ = row["counts"][mask]
+            row[f"iou_{mask}"] = 1.0 if union == 0 else inter / union
+    row.update(generated_tokens=result.tokens["generated"], diagnostics=[d.code for d in result.diagnostics])
+    if query.kind is not None:
+        row["kind"] = query.kind
+    return row
+
+
+def _meters(rows: list[dict]) -> dict[str, IoUMeter]:
+    meters = {mask: IoUMeter() for mask in (*MASKS, "oracle")}
+    for row in rows:
+        for mask, kept in row["counts"].items():
+            meters[mask].add_counts(*kept)
+    return meters
+
+
+def summarise(rows: list[dict], model: str, grid: int, refiner: str, constrained: bool) -> dict:
+    """The report of a run from its rows; the fields are documented in docs/evaluation.md."""
+    meters, n = _meters(rows), len(rows)
+    report = {
+        "model": model, "grid": grid, "n": n, "refiner": refiner, "constrained": constrained,
+        "ciou": {"coarse": meters["coarse"].ciou, "refined": meters["refined"].ciou},
+        "giou": {"coarse": meters["coarse"].giou, "refined": meters["refined"].giou},
+        "grid_ciou": meters["grid"].ciou, "grid_prec50": meters["grid"].prec50, "oracle_ciou": meters["oracle"].ciou,
+        "malformed_rate": sum(bool(r["diagnostics"]) for r in rows) / n if n else None,
+        "mean_generated_tokens": float(np.mean([r["generated_tokens"] for r in rows])) if n else None,
+        "mean_latency_s": float(np.mean([r["latency_s"] for r in rows])) if n else None,
+    }
+    if meters["grid"].empty_answered:
+        report["no_target"] = {"n": len(meters["grid"].empty_answered),
+                               "n_acc": {mask: meters[mask].n_acc for mask in MASKS},
+                               "t_acc": {mask: meters[mask].t_acc for mask in MASKS}}
+    kinds = sorted({r["kind"] for r in rows if "kind" in r})
+    if kinds:
+        report["by_kind"] = {}
+        for kind in kinds:
+            m = _meters([r for r in rows if r.get("kind") == kind])
+            entry = {"n": len(m["grid"].ious), "grid_ciou": m["grid"].ciou, "grid_giou": m["grid"].giou,
+                     "grid_prec50": m["grid"].prec50, "coarse_ciou": m["coarse"].ciou, "coarse_giou": m["coarse"].giou}
+            if m["refined"].ious:
+                entry.update(refined_ciou=m["refined"].ciou, refined_giou=m["refined"].giou)
+            if m["grid"].empty_answered:
+                entry.update(n_acc={mask: m[mask].n_acc for mask in MASKS if m[mask].ious})
+            report["by_kind"][kind] = entry
+    repeat = [r["refine_repeat_s"] for r in rows if "refine_repeat_s" in r]
+    if repeat:
+        report["refine_first_s"] = float(np.mean([r["refine_first_s"] for r in rows]))
+        report["refine_repeat_s"] = float(np.mean(repeat))
+    report["queries"] = rows
+    return report
+
+
+class RowsFile:
+    """Per-query rows as JSON lines, appended as they are done; on resume, the rows already
+    there (a last line cut off by an interruption is dropped)."""
+
+    def __init__(self, path: str | Path, queries: list[Query], model: str, resume: bool):
+        self.path = Path(path)
+        self.done: dict[int, dict] = {}
+        if self.path.exists() and self.path.stat().st_size and not resume:
+            raise FileExistsError(f"{self.path} already holds rows: pass --resume to continue that run, "
+                                  "or remove the file to start over")
+        if resume and self.path.exists():
+            lines = self.path.read_text().splitlines()
+            for number, line in enumerate(lines, start=1):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    if number == len(lines):  # cut off mid-write
+                        self.path.write_text("".join(f"{kept}\n" for kept in lines[:-1]))
+                        break
+                    raise ValueError(f"{self.path}:{number} is not a JSON row") from None
+                self._check(row, queries, model, number)
+                self.done[row["index"]] = row
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _check(self, row: dict, queries: list[Query], model: str, number: int) -> None:
+        index = row.get("index")
+        if row.get("model") != model:
+            raise ValueError(f"{self.path}:{number} was written by {row.get('model')!r}, not {model!r}: "
+                             "resume with the same model, or write the rows to another file")
+        if not isinstance(index, int) or not 0 <= index < len(queries) or (
+                row.get("expression") != queries[index].expression):
+            raise ValueError(f"{self.path}:{number} does not match query {index} of this manifest: "
+                             "resume with the same --data and --limit, or write the rows to another file")
+
+    def write(self, row: dict) -> None:
+        """Append one row, on disk when this returns (the file is opened for each row)."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+_WORKER = None  # (engine, refiner) of a worker process
+
+
+def _start_worker(replica: Replica, ordinals, threads: int) -> None:
+    global _WORKER
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER = replica.build(ordinals.get())
+
+
+def _score_in_worker(query: Query, index: int, constrained: bool, grid: int) -> dict:
+    engine, refiner = _WORKER
+    return score(engine, refiner, query, index, constrained, grid)
+
+
+def _in_workers(replica: Replica, workers: int, jobs: list[tuple[int, Query]], constrained: bool, grid: int):
+    """Rows of ``jobs`` as they come from ``workers`` processes, each with its own replica (CPU
+    threads shared out among them, so that they do not oversubscribe the cores)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    ordinals = context.Queue()
+    for k in range(workers):
+        ordinals.put(k)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                             initargs=(replica, ordinals, threads)) as pool:
+        futures = [pool.submit(_score_in_worker, query, index, constrained, grid) for index, query in jobs]
+        for future in as_completed(futures):
+            yield future.result()
 
 
 def evaluate(engine: Text4SegModel | None, data: str, refiner=None, constrained: bool = False,
-             limit: int | None = None, progress: bool = True, grid: int = 16) -> dict:
-    """Score every query of ``data``; the JSON fields are documented in docs/evaluation.md.
+             limit: int | None = None, progress: bool = True, grid: int = 16, rows: str | Path | None = None,
+             resume: bool = False, replica: Replica | None = None, workers: int = 1) -> dict:
+    """Score every query of ``data`` and report (see :func:`summarise`).
 
-    With ``engine=None`` the coarse mask is the oracle one (the truth taken to the grid and
-    back), which measures a refiner on its own; each refine then runs twice on its image to
-    time a first and a repeat query.
+    ``engine=None`` and no ``replica``: the oracle (see :func:`score`). ``rows``: a JSONL file
+    that gets each query's row as soon as it is done; with ``resume`` the rows already there
+    are kept and their queries skipped. ``workers`` > 1 scores queries in that many processes,
+    each building ``replica`` (a model on each GPU in turn, or CPU threads shared out).
     """
     queries = read_manifest(data, limit)
-    coarse, refined, grid_meter, oracle = IoUMeter(), IoUMeter(), IoUMeter(), IoUMeter()
-    rows, malformed, tokens, latency, first, repeat = [], 0, [], [], [], []
-    by_kind: dict[str, tuple[IoUMeter, IoUMeter]] = {}  # kind -> (grid, coarse)
-    grid = engine.settings.grid if engine is not None else grid
-    name = engine.name if engine is not None else "oracle"
-    for q in tqdm(queries, desc=f"eval {name}", disable=not progress, unit="query"):
-        image, _ = prepare(q.image, max_side=10**6)
-        truth = load_mask(q.mask)
-        truth_grid = to_grid(truth.astype(np.uint8), grid).astype(bool)
-        t0 = time.perf_counter()
-        if engine is None:
-            result = _oracle(image, q.expression, truth_grid, refiner, grid)
-            if refiner is not None:
-                first.append(result.timings["refine"])
-                t1 = time.perf_counter()
-                refiner.refine(image, result.coarse, result.labels, grid=grid)
-                repeat.append(time.perf_counter() - t1)
-        else:
-            result = segment(engine, image, Request(expression=q.expression, constrained=constrained), refiner)
-        latency.append(time.perf_counter() - t0)
-        row = {"image": str(q.image), "expression": q.expression,
-               "iou_coarse": coarse.add(result.coarse > 0, truth),
-               "iou_grid": grid_meter.add(result.grid > 0, truth_grid),
-               "generated_tokens": result.tokens["generated"], "latency_s": round(latency[-1], 4),
-               "diagnostics": [d.code for d in result.diagnostics]}
-        oracle.add(to_image(truth_grid, *truth.shape), truth)
-        if q.kind is not None:
-            row["kind"] = q.kind
-            kind_grid, kind_coarse = by_kind.setdefault(q.kind, (IoUMeter(), IoUMeter()))
-            kind_grid.add(result.grid > 0, truth_grid)
-            kind_coarse.add(result.coarse > 0, truth)
-        if result.refined is not None:
-            row["iou_refined"] = refined.add(result.refined > 0, truth)
-        malformed += bool(result.diagnostics)
-        tokens.append(result.tokens["generated"])
-        rows.append(row)
-    n = len(rows)
-    report = {
-        "model": name, "grid": grid, "n": n, "refiner": getattr(refiner, "name", "none"), "constrained": constrained,
-        "ciou": {"coarse": coarse.ciou, "refined": refined.ciou},
-        "giou": {"coarse": coarse.giou, "refined": refined.giou},
-        "grid_ciou": grid_meter.ciou, "grid_prec50": grid_meter.prec50, "oracle_ciou": oracle.ciou,
-        "malformed_rate": malformed / n if n else None,
-        "mean_generated_tokens": float(np.mean(tokens)) if n else None,
-        "mean_latency_s": float(np.mean(latency)) if n else None,
-        "queries": rows,
-    }
-    if by_kind:
-        report["by_kind"] = {kind: {"n": len(g.ious), "grid_ciou": g.ciou, "grid_giou": g.giou,
-                                    "grid_prec50": g.prec50, "coarse_ciou": c.ciou}
-                             for kind, (g, c) in sorted(by_kind.items())}
-    if repeat:
-        report["refine_first_s"] = float(np.mean(first))
-        report["refine_repeat_s"] = float(np.mean(repeat))
-    return report
+    if workers > 1 and replica is None:
+        raise ValueError("--workers needs a model for each worker (it does not apply to --oracle)")
+    if replica is not None and engine is None and workers <= 1:
+        engine, refiner = replica.build()
+    name = replica.model if replica is not None else (engine.name if engine is not None else "oracle")
+    store = RowsFile(rows, queries, name, resume) if rows else None
+    done = dict(store.done) if store else {}
+    jobs = [(i, q) for i, q in enumerate(queries) if i not in done]
+    fresh = (_in_workers(replica, workers, jobs, constrained, grid) if workers > 1
+             else (score(engine, refiner, q, i, constrained, grid) for i, q in jobs))
+    for row in tqdm(fresh, total=len(jobs), desc=f"eval {name}", disable=not progress, unit="query"):
+        row["model"] = name
+        done[row["index"]] = row
+        if store:
+            store.write(row)
+    refiner_name = replica.refine if engine is None and replica else getattr(refiner, "name", "none")
+    rows_done = [done[i] for i in sorted(done)]
+    grid = rows_done[0]["grid"] if rows_done else grid
+    return summarise(rows_done, name, grid, refiner_name, constrained)
 
 
 def grid_answers(engine: Text4SegModel, queries) -> list:

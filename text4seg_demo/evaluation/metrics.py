@@ -1,4 +1,5 @@
-"""Referring-segmentation metrics as the reference defines them (cIoU, gIoU)."""
+"""Referring-segmentation metrics as the reference defines them (cIoU, gIoU), and gRefCOCO's
+no-target accuracies (N-acc, T-acc) as its paper defines them."""
 
 from __future__ import annotations
 
@@ -7,23 +8,38 @@ import numpy as np
 
 def iou(pred: np.ndarray, truth: np.ndarray) -> float:
     """Foreground IoU of two binary masks; an empty prediction of an empty target scores 1."""
-    inter = np.logical_and(pred, truth).sum()
-    union = np.logical_or(pred, truth).sum()
-    return 1.0 if union == 0 else float(inter / union)
+    inter, union, _ = counts(pred, truth)
+    return 1.0 if union == 0 else inter / union
+
+
+def counts(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int]:
+    """(intersection, union, predicted) pixels: all any metric here needs of one query, and
+    small enough to keep per query (the truth's size is ``union - predicted + intersection``)."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    return int(np.logical_and(pred, truth).sum()), int(np.logical_or(pred, truth).sum()), int(pred.sum())
 
 
 class IoUMeter:
-    """Accumulates cIoU (summed intersections over summed unions) and gIoU (mean per-query IoU)."""
+    """Accumulates cIoU (summed intersections over summed unions), gIoU (mean per-query IoU)
+    and the no-target accuracies, from masks or from kept :func:`counts`."""
 
     def __init__(self):
         self.inter = self.union = 0
         self.ious: list[float] = []
+        self.empty_answered: list[bool] = []  # per no-target query: answered with an empty mask
+        self.target_answered: list[bool] = []  # per query with a target: answered with a non-empty mask
 
     def add(self, pred: np.ndarray, truth: np.ndarray) -> float:
-        pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
-        self.inter += int(np.logical_and(pred, truth).sum())
-        self.union += int(np.logical_or(pred, truth).sum())
-        self.ious.append(iou(pred, truth))
+        return self.add_counts(*counts(pred, truth))
+
+    def add_counts(self, inter: int, union: int, predicted: int) -> float:
+        self.inter += inter
+        self.union += union
+        self.ious.append(1.0 if union == 0 else inter / union)
+        if union - predicted + inter == 0:
+            self.empty_answered.append(predicted == 0)
+        else:
+            self.target_answered.append(predicted > 0)
         return self.ious[-1]
 
     @property
@@ -40,3 +56,13 @@ class IoUMeter:
     def prec50(self) -> float | None:
         """Share of queries with IoU >= 0.5: how often the referred object was found at all."""
         return float(np.mean(np.asarray(self.ious) >= 0.5)) if self.ious else None
+
+    @property
+    def n_acc(self) -> float | None:
+        """Of the queries without a target, the share answered with an empty mask (gRefCOCO's N-acc)."""
+        return float(np.mean(self.empty_answered)) if self.empty_answered else None
+
+    @property
+    def t_acc(self) -> float | None:
+        """Of the queries with a target, the share answered with a non-empty mask (gRefCOCO's T-acc)."""
+        return float(np.mean(self.target_answered)) if self.target_answered else None

@@ -84,8 +84,8 @@ class Domain:
 
 
 BACKGROUNDS = ("solid", "gradient", "noisy", "stripes", "checks", "blotches")
-DOMAIN = Domain(backgrounds=BACKGROUNDS, saturation=(0.0, 1.0), value=(0.15, 1.0), texture_period=(12, 80),
-                size_skew=1.0, shapes=(1, 6), noise=0.2, blur=0.25, jpeg=0.4)
+DOMAIN = Domain(backgrounds=BACKGROUNDS, saturation=(0.0, 1.0), value=(0.15, 1.0), texture_period=(8, 160),
+                size_skew=1.0, shapes=(1, 8), noise=0.2, blur=0.25, jpeg=0.4)
 SHIFTED = Domain(backgrounds=("stripes", "checks", "blotches", "gradient"), saturation=(0.55, 1.0),
                  value=(0.5, 1.0), texture_period=(80, 160), size_skew=2.0, shapes=(3, 8), noise=0.4,
                  blur=0.4, jpeg=0.8)
