@@ -99,3 +99,7 @@ def test_bench_sets_the_bundled_models_side_by_side(tmp_path, monkeypatch):
     assert set(report["prefix_cache"]) == {"n", "question_first", "llava_v1"}
     for side in report["loop_overhead"].values():  # per-token costs of the loop and of its bare forward passes
         assert side["n"] == 2 and side["overhead"] == side["loop_s_per_token"] / side["forward_s_per_token"]
+    for side in report["jump_forward"].values():  # the same answers in fewer forward passes
+        assert side["same_text"] == 1.0 and side["mean_decode_steps"] < side["mean_decode_steps_plain"]
+    for grid, side in report["jump_forward_llama"].items():  # LLaMA splits counts into digits: more is forced
+        assert side["steps_ratio"] >= 1.5 and side["mean_tokens"] == side["mean_decode_steps_plain"] + 1

@@ -30,6 +30,7 @@ class Request:
     fmt: str | None = None
     grid: int | None = None
     constrained: bool = False
+    jump_forward: bool = False  # with constrained: forced text rides along, same answer, fewer steps
     max_new_tokens: int | None = None
     sam_points: int = 10
     seed: int = 0
@@ -94,7 +95,8 @@ def segment_stream(engine: Text4SegModel, image: Image.Image, request: Request,
     question = engine.question(labels[0], request.classes)
     generation = None
     for event in engine.stream(image, question, labels, fmt=fmt, grid=grid_size,
-                               max_new_tokens=request.max_new_tokens, constrained=request.constrained):
+                               max_new_tokens=request.max_new_tokens, constrained=request.constrained,
+                               jump_forward=request.jump_forward):
         yield event
         generation = event.generation
     parsed = codec.parse_answer(generation.text, grid_size, fmt=fmt, allowed_labels=labels)

@@ -42,7 +42,7 @@ def test_decoding_sees_the_attention_training_uses():
         question = engine.question(LABEL)
         with torch.no_grad():
             first, cache, counts = engine._prefill(image, question, {})
-            logits = torch.cat([first] + [engine._step(t, cache) for t in ids[:-1]])
+            logits = torch.cat([first] + [engine._forward([t], cache) for t in ids[:-1]])
         before, after = engine._prompt_ids(question)
         prompt = before + [engine.image_token_id] * counts["image"] + after
         return logits, engine, prompt, len(before)

@@ -57,6 +57,22 @@ def test_constrained_decoding_from_random_weights_is_always_well_formed(engine, 
     assert gen.constrained
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("grid", [16, 24])
+def test_jump_forward_writes_the_plain_constrained_answer_in_fewer_steps(engine, grid):
+    image, question = noise_image(10 + grid), engine.question(LABEL)
+    plain = engine.generate(image, question, [LABEL], grid=grid, constrained=True)
+    events = list(engine.stream(image, question, [LABEL], grid=grid, constrained=True, jump_forward=True))
+    jumped = events[-1].generation
+    assert jumped.text == plain.text and jumped.token_ids == plain.token_ids
+    assert "".join(e.delta for e in events) == jumped.text  # streaming still shows every row
+    assert [len(e.rows) for e in events][-1] == grid
+    assert plain.tokens["decode_steps"] == plain.tokens["generated"] - 1
+    assert jumped.tokens["decode_steps"] < plain.tokens["decode_steps"]
+    with pytest.raises(ValueError, match="needs constrained decoding"):
+        engine.generate(image, question, [LABEL], grid=grid, jump_forward=True)
+
+
 def test_unconstrained_random_model_output_is_reported_not_hidden(engine):
     gen = engine.generate(noise_image(1), engine.question(LABEL), [LABEL], max_new_tokens=20)
     assert gen.tokens["generated"] <= 20

@@ -100,7 +100,7 @@ def test_streamed_decoding_sees_the_positions_training_uses(tokenizer):
         first, cache, counts = engine._prefill(image, question, {})
         n_prompt = counts["prompt"]
         track = AnswerPositions(n_prompt, 16, "rrle", "grid")
-        stepped = [first] + [engine._step(t, cache, track.advance(tokenizer.decode(ids[:i + 1])))
+        stepped = [first] + [engine._forward([t], cache, [track.advance(tokenizer.decode(ids[:i + 1]))])
                              for i, t in enumerate(ids[:-1])]
         stepped = torch.cat(stepped)
 

@@ -81,6 +81,10 @@ class GrammarConstraint:
         if not self.matcher.accept_token(token_id):
             raise RuntimeError(f"token {token_id} was not allowed by the grammar")
 
+    def forced(self) -> str:
+        """The text the grammar allows as the only continuation from here (may be empty)."""
+        return self.matcher.find_jump_forward_string()
+
     @property
     def finished(self) -> bool:
         return self.matcher.is_terminated()

@@ -28,9 +28,11 @@ def _mean(values) -> float:
     return float(np.mean(values)) if len(values) else float("nan")
 
 
-def _query(engine, image, expression, constrained=False) -> dict:
-    result = segment(engine, image, Request(expression=expression, constrained=constrained))
+def _query(engine, image, expression, constrained=False, jump_forward=False) -> dict:
+    result = segment(engine, image, Request(expression=expression, constrained=constrained or jump_forward,
+                                            jump_forward=jump_forward))
     return {"generated": result.tokens["generated"], "descriptor": result.tokens["descriptor"],
+            "decode_steps": result.tokens["decode_steps"],
             "decode_s": result.timings["decode"], "total_s": result.timings["total"], "ttft_s": result.timings["ttft"],
             "malformed": bool(result.diagnostics), "grid": result.grid, "labels": result.labels,
             "text": result.text, "expression": expression, "image": image}
@@ -82,6 +84,9 @@ def bench(data: str, rrle_model: str = "tiny-rrle", full_model: str = "tiny-full
         "prefix_cache": _prefix_cache(rrle, items[: min(20, len(items))]),
         "loop_overhead": {fmt: _loop_overhead(engine, items[: min(20, len(items))])
                           for fmt, engine in (("rrle", rrle), ("full", full))},
+        "jump_forward": {fmt: _jump_forward(engine, items[: min(20, len(items))])
+                         for fmt, engine in (("rrle", rrle), ("full", full))},
+        "jump_forward_llama": {grid: _canonical_jump_forward(queries, llama, grid) for grid in (16, 24)},
     }
     return out
 
@@ -152,6 +157,49 @@ def _constrained(engine, items) -> dict:
     return {"n": len(rows), "per_token_decode_overhead": c_tok / f_tok,
             "total_overhead": _mean([r["total_s"] for r in rows]) / _mean([r["total_s"] for r in free]),
             "malformed_rate": _mean([r["malformed"] for r in rows])}
+
+
+def _jump_forward(engine, items) -> dict:
+    """Constrained decoding with and without jump-forward, taking turns: decode steps (forward
+    passes), decode time, and whether the two answers are the same text."""
+    jumped, plain = _side_by_side(items, partial(_query, engine, jump_forward=True),
+                                  partial(_query, engine, constrained=True), "jump-forward and plain constrained")
+    return {"n": len(items), "mean_decode_steps": _mean([r["decode_steps"] for r in jumped]),
+            "mean_decode_steps_plain": _mean([r["decode_steps"] for r in plain]),
+            "steps_ratio": _mean([r["decode_steps"] for r in plain]) / _mean([r["decode_steps"] for r in jumped]),
+            "decode_speedup": _mean([r["decode_s"] for r in plain]) / _mean([r["decode_s"] for r in jumped]),
+            "same_text": _mean([a["text"] == b["text"] for a, b in zip(jumped, plain)])}
+
+
+def _canonical_jump_forward(queries, tokenizer, grid: int) -> dict:
+    """Decode steps of a model that writes each ground-truth R-RLE answer token for token as
+    ``tokenizer`` splits it (what training teaches), under the grammar with and without
+    jump-forward: the grammar and the tokenizer alone decide what jump-forward saves."""
+    from ..descriptors.grammar import GrammarConstraint, ebnf
+    from ..inference.tokens import continuation_tokens
+
+    plain, jumped = [], []
+    for q in queries:
+        cells = to_grid(load_mask(q.mask).astype(np.uint8), grid).astype(int)
+        answer = prompts.answer(q.expression, codec.encode(cells, [codec.OTHERS, q.expression], "rrle")).lstrip()
+        ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        constraint = GrammarConstraint(tokenizer, len(tokenizer), ebnf(grid, grid, [q.expression], "rrle"))
+        steps, i = 0, 0
+        while i < len(ids):
+            constraint.accept(ids[i])  # the model's own step
+            i += 1
+            if i == len(ids):
+                break
+            steps += 1
+            for proposed in continuation_tokens(tokenizer, tokenizer.decode(ids[:i]), constraint.forced()):
+                if i == len(ids) or proposed != ids[i]:
+                    break
+                constraint.accept(proposed)
+                i += 1
+        plain.append(len(ids) - 1)
+        jumped.append(steps)
+    return {"n": len(queries), "mean_tokens": _mean([p + 1 for p in plain]), "mean_decode_steps": _mean(jumped),
+            "mean_decode_steps_plain": _mean(plain), "steps_ratio": _mean(plain) / _mean(jumped)}
 
 
 def _prefix_cache(engine, items) -> dict:

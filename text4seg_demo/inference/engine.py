@@ -28,7 +28,7 @@ from ..descriptors.grammar import GrammarConstraint, ebnf, grammar_char_budget
 from .attention import image_block_mask
 from .positions import AnswerPositions
 from .settings import Settings
-from .tokens import IncrementalDecoder, count_tokens
+from .tokens import IncrementalDecoder, continuation_tokens, count_tokens
 
 
 @dataclass
@@ -178,20 +178,35 @@ class Text4SegModel:
         counts = {"prompt": len(before) + features.shape[0] + len(after), "image": features.shape[0]}
         return out.logits[:, -1].float(), cache, counts
 
-    def _step(self, token_id: int, cache, position: int | None = None) -> torch.Tensor:
-        """One decode step; ``position`` overrides the model's own position for this token."""
-        extra = {} if position is None else {"position_ids": torch.tensor([[position]], device=self.device)}
-        out = self.model(input_ids=torch.tensor([[token_id]], device=self.device), cache=cache, use_cache=True, **extra)
-        return out.logits[:, -1].float()
+    def _forward(self, tokens: list[int], cache, positions: list[int] | None = None) -> torch.Tensor:
+        """Feed ``tokens`` after the cache in one pass; the next-token logits after each (n x V).
+        ``positions`` overrides the model's own positions for them."""
+        extra = {} if positions is None else {"position_ids": torch.tensor([positions], device=self.device)}
+        out = self.model(input_ids=torch.tensor([tokens], device=self.device), cache=cache, use_cache=True, **extra)
+        return out.logits[0].float()
+
+    def _choose(self, logits: torch.Tensor, constraint) -> int:
+        """The greedy token of one row of logits (1 x V), never the image token, inside the grammar."""
+        logits[:, self.image_token_id] = float("-inf")
+        if constraint is not None:
+            constraint.mask(logits)
+        return int(logits.argmax(-1))
 
     @torch.no_grad()
     def stream(self, image: Image.Image, question: str, labels: Sequence[str], *, fmt: str | None = None,
                grid: int | None = None, max_new_tokens: int | None = None,
-               constrained: bool = False) -> Iterator[StreamEvent]:
+               constrained: bool = False, jump_forward: bool = False) -> Iterator[StreamEvent]:
         """Greedy answer, yielded as text deltas with the grid rows completed so far.
 
         ``labels`` are the foreground labels the answer may use (the expression, or the classes).
+        ``jump_forward`` (with ``constrained``): where the grammar forces the next text (the ` *`
+        after a label, separators, the rest of a label, ``</seg>``), its tokens ride along with
+        the chosen token in the same forward pass and are kept as far as the model's own greedy
+        choice agrees with them, so the answer is the one plain constrained decoding writes,
+        in fewer decode steps (``tokens["decode_steps"]``, forward passes after the prompt).
         """
+        if jump_forward and not constrained:
+            raise ValueError("jump-forward decoding follows the grammar: it needs constrained decoding")
         fmt, grid = fmt or self.settings.fmt, grid or self.settings.grid
         if max_new_tokens:
             budget = max_new_tokens
@@ -210,31 +225,58 @@ class Text4SegModel:
         logits, cache, counts = self._prefill(image, question, timings)
         positions = AnswerPositions(counts["prompt"], grid, fmt, "grid") if self.settings.positions == "grid" else None
         decoder, rows = IncrementalDecoder(self.tokenizer), codec.RowStream(grid, fmt)
-        ids = decoder.ids
-        eos = self.tokenizer.eos_token_id
-        t_decode = time.perf_counter()
-        while len(ids) < budget:
-            logits[:, self.image_token_id] = float("-inf")
-            if constraint is not None:
-                constraint.mask(logits)
-            token = int(logits.argmax(-1))
+        ids, eos, steps = decoder.ids, self.tokenizer.eos_token_id, 0
+
+        def take(token: int) -> tuple[StreamEvent | None, bool]:
+            """Append a chosen token: the event it makes, and whether the answer is finished."""
             if constraint is not None:
                 constraint.accept(token)
             if token == eos:
-                break
+                return None, True
             delta = decoder.add(token)
-            if delta:
-                yield StreamEvent(delta, decoder.text, rows.feed(delta))
             closed = codec.CLOSE_TAG in decoder.text[-(len(delta) + len(codec.CLOSE_TAG)):] if delta else False
-            if closed or (constraint is not None and constraint.finished):
+            event = StreamEvent(delta, decoder.text, rows.feed(delta)) if delta else None
+            return event, closed or (constraint is not None and constraint.finished) or len(ids) >= budget
+
+        t_decode = time.perf_counter()
+        finished = budget <= 0
+        while not finished:
+            token = self._choose(logits, constraint)
+            event, finished = take(token)
+            if event:
+                yield event
+            if finished:
                 break
-            logits = self._step(token, cache, positions.advance(decoder.text) if positions else None)
+            feed, where = [token], [positions.advance(decoder.text)] if positions else None
+            draft = continuation_tokens(self.tokenizer, decoder.text, constraint.forced()) if jump_forward else []
+            if draft and where is not None:
+                ahead, ahead_positions = decoder.fork(), positions.fork()
+                for proposed in draft:
+                    ahead.add(proposed)
+                    where.append(ahead_positions.advance(ahead.text))
+            out = self._forward(feed + draft, cache, where)
+            steps += 1
+            kept = 0
+            for proposed in draft:  # keep the forced tokens as long as greedy decoding would write them
+                if self._choose(out[kept:kept + 1], constraint) != proposed:
+                    break
+                event, finished = take(proposed)
+                if positions:
+                    positions.advance(decoder.text)
+                kept += 1
+                if event:
+                    yield event
+                if finished:
+                    break
+            if kept < len(draft):
+                cache.crop(-(len(draft) - kept))  # a negative count removes that many tokens
+            logits = out[kept:kept + 1]
         _sync(self.device)
         timings["decode"] = time.perf_counter() - t_decode
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         timings["ttft"] = timings.get("preprocess", 0) + timings.get("encode", 0) + timings["prefill"]
         timings["total"] = time.perf_counter() - t_start
-        tokens = {**counts, "generated": len(ids)}
+        tokens = {**counts, "generated": len(ids), "decode_steps": steps}
         generation = Generation(text=text, token_ids=ids, timings=timings, tokens=tokens, constrained=constrained)
         yield StreamEvent("", text, codec.completed_rows(text, grid, fmt), done=True, generation=generation)
 
@@ -258,7 +300,7 @@ class Text4SegModel:
         _, cache, counts = self._prefill(image, question, timings)
         t0 = time.perf_counter()
         for token in ids[:-1]:  # the model's own positions: only the cost is measured
-            self._step(token, cache)
+            self._forward([token], cache)
         _sync(self.device)
         timings["decode"] = time.perf_counter() - t0
         timings["ttft"] = timings.get("preprocess", 0) + timings.get("encode", 0) + timings["prefill"]

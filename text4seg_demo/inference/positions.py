@@ -14,6 +14,7 @@ This module imports no torch.
 
 from __future__ import annotations
 
+import copy
 import re
 
 from ..descriptors.codec import CLOSE_TAG, OPEN_TAG
@@ -66,6 +67,12 @@ class AnswerPositions:
         self._read = 0  # the body is counted up to here
         self._closed = False  # </seg> has been written: natural positions again
         self._coverage = _Coverage(grid, grid, fmt) if scheme == "grid" else None
+
+    def fork(self) -> "AnswerPositions":
+        """A copy that can place tokens ahead without changing this one."""
+        twin = copy.copy(self)
+        twin._coverage = copy.copy(self._coverage)
+        return twin
 
     def advance(self, text: str) -> int:
         """Position of the token whose arrival made the answer read ``text``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from functools import lru_cache
 from pathlib import Path
 
@@ -35,6 +36,20 @@ def count_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def continuation_tokens(tokenizer, text: str, forced: str) -> list[int]:
+    """The tokens that ``forced`` adds after ``text``, as a whole tokenisation of the two would
+    write them: the last characters of ``text`` are tokenised with it, so that a SentencePiece
+    word-initial space or a merge across the boundary comes out as in context. Empty when no
+    short context splits cleanly at the boundary (the caller then has nothing to propose)."""
+    for k in (12, 8, 4, 2, 1):
+        tail = text[-k:]
+        before = tokenizer(tail, add_special_tokens=False)["input_ids"]
+        both = tokenizer(tail + forced, add_special_tokens=False)["input_ids"]
+        if both[:len(before)] == before and len(both) > len(before):
+            return both[len(before):]
+    return []
+
+
 class IncrementalDecoder:
     """The text of a growing answer, one token at a time, with constant work per token.
 
@@ -48,6 +63,12 @@ class IncrementalDecoder:
         self.text = ""
         self._prefix = 0  # decoding restarts here: a boundary that is settled
         self._read = 0  # tokens up to here are already in ``text``
+
+    def fork(self) -> "IncrementalDecoder":
+        """A copy that can read tokens ahead without changing this one."""
+        twin = copy.copy(self)
+        twin.ids = list(self.ids)
+        return twin
 
     def add(self, token: int) -> str:
         """Append ``token``; return the text it completes (empty while a character is unfinished)."""
