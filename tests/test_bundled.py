@@ -103,3 +103,6 @@ def test_bench_sets_the_bundled_models_side_by_side(tmp_path, monkeypatch):
         assert side["same_text"] == 1.0 and side["mean_decode_steps"] < side["mean_decode_steps_plain"]
     for grid, side in report["jump_forward_llama"].items():  # LLaMA splits counts into digits: more is forced
         assert side["steps_ratio"] >= 1.5 and side["mean_tokens"] == side["mean_decode_steps_plain"] + 1
+    streaming = report["app_streaming"]  # the page's run and an unstreamed one write the same answer
+    assert streaming["n"] == 2 and streaming["same_text"] == 1.0
+    assert streaming["overhead"] == streaming["mean_decode_s_streamed"] / streaming["mean_decode_s"]

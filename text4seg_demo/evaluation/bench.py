@@ -87,6 +87,7 @@ def bench(data: str, rrle_model: str = "tiny-rrle", full_model: str = "tiny-full
         "jump_forward": {fmt: _jump_forward(engine, items[: min(20, len(items))])
                          for fmt, engine in (("rrle", rrle), ("full", full))},
         "jump_forward_llama": {grid: _canonical_jump_forward(queries, llama, grid) for grid in (16, 24)},
+        "app_streaming": _app_streaming(rrle_model, queries[: min(20, len(queries))]),
     }
     return out
 
@@ -169,6 +170,32 @@ def _jump_forward(engine, items) -> dict:
             "steps_ratio": _mean([r["decode_steps"] for r in plain]) / _mean([r["decode_steps"] for r in jumped]),
             "decode_speedup": _mean([r["decode_s"] for r in plain]) / _mean([r["decode_s"] for r in jumped]),
             "same_text": _mean([a["text"] == b["text"] for a, b in zip(jumped, plain)])}
+
+
+def _app_streaming(model: str, queries) -> dict:
+    """The app's run (the answer decoded in a worker thread while the page's updates are drawn)
+    against the same question answered unstreamed, taking turns: the decode time the page
+    reports against the model's own. Both decode as the app does by default for the model."""
+    from ..app.handlers import Demo, constrained_default
+
+    demo = Demo(model)
+    engine, constrained = demo.models.get(model, "auto"), constrained_default(model)
+
+    def page(image, query):
+        result = list(demo.analyse(str(query.image), query.expression, refine="none"))[-1]["result"]
+        return {"decode_s": result.timings["decode"], "text": result.text}
+
+    def plain(image, query):
+        result = segment(engine, image, Request(query.expression, constrained=constrained))
+        return {"decode_s": result.timings["decode"], "text": result.text}
+
+    page(None, queries[0])  # warm-up
+    items = [(prepare(q.image, max_side=10**6)[0], q) for q in queries]
+    streamed, unstreamed = _side_by_side(items, page, plain, "the app's stream and unstreamed")
+    return {"n": len(items), "mean_decode_s_streamed": _mean([r["decode_s"] for r in streamed]),
+            "mean_decode_s": _mean([r["decode_s"] for r in unstreamed]),
+            "overhead": _mean([r["decode_s"] for r in streamed]) / _mean([r["decode_s"] for r in unstreamed]),
+            "same_text": _mean([a["text"] == b["text"] for a, b in zip(streamed, unstreamed)])}
 
 
 def _canonical_jump_forward(queries, tokenizer, grid: int) -> dict:
