@@ -15,8 +15,10 @@ def main() -> None:
     parser.add_argument("--share", action="store_true", help="also serve through a public Gradio link")
     parser.add_argument("--public", action="store_true",
                         help="serve strangers: only the presets and TEXT4SEG_ALLOWED_MODELS (on by itself on a Space)")
+    parser.add_argument("--mcp", action=argparse.BooleanOptionalAction, default=True,
+                        help="serve the segment and compare APIs as MCP tools too (default: on)")
     args = parser.parse_args()
-    launch(build_demo(args.model, public=args.public), share=args.share, show_error=True)
+    launch(build_demo(args.model, public=args.public), mcp=args.mcp, share=args.share, show_error=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import threading
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,11 @@ def test_a_space_receives_the_app_and_nothing_of_training_data_or_caches(tmp_pat
     assert package <= sent
     assert not [f for f in sent if f.split("/")[0] in ("runs", "data", "tests", "docs") or "__pycache__" in f
                 or f.endswith(".pyc")]
+    # every binary file a Space receives is kept in Git LFS, as the Hub requires
+    lfs = [line.split()[0] for line in (root / ".gitattributes").read_text().splitlines() if "filter=lfs" in line]
+    binary = [f for f in sent if b"\0" in (root / f).read_bytes()[:8000]]
+    assert {"assets/tiny-rrle/model.safetensors", "examples/synthetic/images/000007.png"} <= set(binary)
+    assert [f for f in binary if not any(fnmatch(Path(f).name, pattern) for pattern in lfs)] == []
     command = (root / "README.md").read_text().split("## Deploy", 1)[1]
     assert all(f'--include "{pattern}"' in command for pattern in SPACE_INCLUDE)
     assert all(f'--exclude "{pattern}"' in command for pattern in SPACE_EXCLUDE)
@@ -151,3 +157,13 @@ def test_the_compare_api_returns_what_the_page_shows(demo):
     with pytest.raises(UserError, match="expression is empty"):
         demo.compare_api(str(EXAMPLE), "")
 
+
+
+def test_a_zerogpu_request_declares_the_seconds_its_answer_needs():
+    from text4seg_demo.app.hosting import gpu_seconds
+
+    released = "text4seg-llava-7b-p24"  # a 24 x 24 grid, from its name
+    assert gpu_seconds(released, "rrle") < gpu_seconds(released, "full") < gpu_seconds(released, "compare")
+    assert gpu_seconds(released, "rrle") > gpu_seconds("tiny-rrle", "rrle")  # 576 cells against 256
+    assert gpu_seconds(released, "full", max_new_tokens=50) < gpu_seconds(released, "full")  # within its budget
+    assert gpu_seconds(released, "compare") < 120  # the fixed duration it replaces

@@ -59,9 +59,20 @@ def test_segment_returns_a_well_formed_result(client):
 
 def test_compare_is_an_api_endpoint_with_the_pages_figures(client):
     record = client.predict(handle_file(str(EXAMPLE)), "the blue square", api_name="/compare")
-    assert set(record) == {"rrle", "full", "token_reduction", "decode_speedup"}
+    assert set(record) == {"rrle", "full", "first", "token_reduction", "decode_speedup"}
     assert record["full"]["generated_tokens"] > record["rrle"]["generated_tokens"] > 0
     assert record["full"]["source"] == "written by tiny-full"
+
+
+def test_the_apis_are_mcp_tools_described_by_their_docstrings(server):
+    import json
+    from urllib.request import urlopen
+
+    with urlopen(server + "gradio_api/mcp/schema", timeout=30) as response:
+        tools = {tool["name"]: tool for tool in json.load(response)}
+    assert {"segment", "compare"} <= set(tools)
+    assert "label per image patch" in tools["segment"]["description"]
+    assert {"image", "expression", "refine"} <= set(tools["segment"]["inputSchema"]["properties"])
 
 
 def test_bad_inputs_get_messages_and_the_app_stays_up(client, tmp_path):

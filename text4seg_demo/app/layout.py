@@ -14,7 +14,7 @@ from ..inference.devices import QUANTS
 from ..inference.hub import PRESETS
 from ..refine import REFINERS
 from .handlers import FORMATS, Demo, UserError, constrained_default
-from .hosting import Limits
+from .hosting import Limits, gpu_seconds
 
 PAPER = "https://arxiv.org/abs/2410.09855"
 CSS = """
@@ -24,12 +24,13 @@ CSS = """
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-try:  # Hugging Face ZeroGPU: a GPU is attached only inside functions marked with spaces.GPU
-    import spaces
+try:  # Hugging Face ZeroGPU: a GPU is attached only inside functions marked with spaces.GPU, for the
+    import spaces  # seconds that ``seconds`` (called with the function's own arguments) declares
 
-    on_gpu = spaces.GPU(duration=120)
+    def on_gpu(fn, seconds):
+        return spaces.GPU(duration=seconds)(fn)
 except ImportError:
-    def on_gpu(fn):
+    def on_gpu(fn, seconds):
         return fn
 
 
@@ -77,6 +78,7 @@ def build_demo(default_model: str | None = None, public: bool = False) -> gr.Blo
                 status = gr.Markdown(elem_id="status")
                 metrics = gr.Markdown(elem_id="metrics")
                 downloads = gr.File(label="Downloads", file_count="multiple", elem_id="downloads")
+                gr.DeepLinkButton(value="Copy a link to this result", copied_value="Link copied")
         with gr.Group(visible=False) as compare_box:
             gr.Markdown("### R-RLE vs full-length on this input")
             with gr.Row():
@@ -168,22 +170,30 @@ def build_demo(default_model: str | None = None, public: bool = False) -> gr.Blo
                   seed, max_new]
         outputs = [status, answer, grid_view, masks, metrics, downloads, compare_box, compare_grid, compare_note,
                    compare_table, tokens_chart, time_chart]
-        analyse = on_gpu(analyse)
+        analyse = on_gpu(analyse, lambda image, expression, mode, classes, model, quant, fmt, grid, *rest:
+                         gpu_seconds(model or demo_state.model_name, FORMATS.get(fmt, "rrle"), grid, rest[-1]))
         mode.change(lambda m: (gr.update(visible=m == "Multi-class"), gr.update(visible=m == "Referring")), mode,
                     [classes, expression], api_visibility="private")
         model_in.change(lambda m: gr.update(value=constrained_default(m)), model_in, constrained,
                         api_visibility="private")
         run.click(analyse, inputs, outputs, api_visibility="private", time_limit=limits.time_limit_s)
         expression.submit(analyse, inputs, outputs, api_visibility="private", time_limit=limits.time_limit_s)
-        gr.api(on_gpu(segment), api_name="segment", time_limit=limits.time_limit_s)
-        gr.api(on_gpu(compare), api_name="compare", time_limit=limits.time_limit_s)
+        gr.api(on_gpu(segment, lambda image, expression, classes="", fmt="", constrained=None, refine="auto",
+                      points=10, seed=0, max_new_tokens=0, model="", quant="auto":
+                      gpu_seconds(model or demo_state.model_name, fmt or "rrle", None, max_new_tokens)),
+               api_name="segment", time_limit=limits.time_limit_s)
+        gr.api(on_gpu(compare, lambda image, expression, model="", quant="auto":
+                      gpu_seconds(model or demo_state.model_name, "compare")),
+               api_name="compare", time_limit=limits.time_limit_s)
     demo.queue(default_concurrency_limit=1, max_size=limits.queue_size)
     return demo
 
 
-def launch(demo: gr.Blocks, **kwargs):
-    """Start the server with the demo's styling (Gradio 6 takes CSS at launch)."""
-    return demo.launch(css=CSS, **kwargs)
+def launch(demo: gr.Blocks, mcp: bool = True, **kwargs):
+    """Start the server with the demo's styling (Gradio 6 takes CSS at launch); with ``mcp``, the
+    ``segment`` and ``compare`` APIs are also MCP tools (their docstrings describe them), served
+    at ``/gradio_api/mcp/``."""
+    return demo.launch(css=CSS, mcp_server=mcp, **kwargs)
 
 
 def _example_expression(path: Path) -> str:
