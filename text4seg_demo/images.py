@@ -29,6 +29,8 @@ def prepare(source, max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS) -> t
         try:
             with Image.open(source) as opened:
                 _check_pixels(opened.width, opened.height, max_pixels)
+                if getattr(opened, "n_frames", 1) > 1:
+                    notes.append(f"an animation of {opened.n_frames} frames: its first frame is used")
                 opened.load()
                 image = opened.copy()
                 image.info.update(opened.info)
@@ -59,6 +61,8 @@ def prepare(source, max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS) -> t
     if image.mode != "RGB":
         if image.mode in ("L", "1"):
             notes.append("grayscale image converted to RGB")
+        elif image.mode == "CMYK":
+            notes.append("CMYK colours converted to RGB")
         image = image.convert("RGB")
     if min(image.size) < 1:
         raise BadImage("the image is empty")

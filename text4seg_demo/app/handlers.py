@@ -5,6 +5,7 @@ declares the components and wires them to these."""
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -38,6 +39,7 @@ USER_ERRORS = (ValueError, BadImage, ModelUnavailable, RefinerError)
 OUT_OF_MEMORY = (MemoryError, torch.cuda.OutOfMemoryError)
 FULL_PARTNER = {"tiny-rrle": "tiny-full"}  # the model that writes full-length descriptors natively
 RRLE_PARTNER = {v: k for k, v in FULL_PARTNER.items()}
+MAX_POINTS = 100  # SAM point prompts per side
 # Grammar-constrained decoding is on by default for the bundled models: it costs them about 5% a
 # token (`text4seg bench`, `constrained`) and every answer is well formed.
 CONSTRAINED_BY_DEFAULT = frozenset(FULL_PARTNER) | frozenset(RRLE_PARTNER)
@@ -153,6 +155,24 @@ def write_downloads(result: Result, root: Path) -> list[str]:
     return [str(f) for f in files]
 
 
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _libc()
+
+
+def release_memory() -> None:
+    """Hand the memory freed by a request back to the system. A server runs requests on whichever
+    worker thread is free, and glibc keeps a heap per thread: without this, a long-running app
+    holds the high-water mark of every thread's heap."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
 def _sweep(root: Path, age_s: float = 900) -> None:
     """Delete result folders older than ``age_s``: nothing a user sent is kept for long."""
     now = time.time()
@@ -239,6 +259,10 @@ class Demo:
     def request(self, expression: str | None, mode: str, classes: str | None, fmt: str | None, grid, constrained,
                 points, seed, max_new, model: str) -> Request:
         """A validated request from the page's or the API's values; bad values raise with a message."""
+        if not 1 <= int(points) <= MAX_POINTS:
+            raise UserError(f"SAM points per side must be between 1 and {MAX_POINTS}, got {points}")
+        if not 0 <= int(seed) < 2**32:
+            raise UserError(f"the seed must be between 0 and 2^32 - 1, got {seed}")
         class_list = [c.strip() for c in (classes or "").replace("|", ",").split(",") if c.strip()]
         if mode == "Multi-class" and not class_list:
             raise UserError("multi-class mode needs class names, e.g. 'cat, grass, sky'")
@@ -269,6 +293,8 @@ class Demo:
             return segment(engine, image, request, refiner)
         except OUT_OF_MEMORY as err:
             raise UserError(self._out_of_memory(err)) from None
+        finally:
+            release_memory()
 
     def analyse(self, image_path, expression, mode="Referring", classes="", name=None, quant="auto",
                 fmt_choice="R-RLE", grid=None, constrained=None, refine="auto", points=10, seed=0,
@@ -317,6 +343,7 @@ class Demo:
             return
         result.notes[:0] = notes
         _sweep(self.scratch)
+        release_memory()
         final = {
             "status": status_line(result), "colours": render.colour_map(result.labels),
             "answer": render.highlight(result.text, result.labels),
@@ -417,7 +444,13 @@ class Demo:
             image, notes = self._image(image_file)
             request = self.request(expression, "Multi-class" if classes else "Referring", classes, fmt or None, None,
                                    constrained, points, seed, max_new_tokens, name)
-            result = self._run(self.models.get(name, quant), image, request, self.refiners.get(refine))
+            engine, refiner = self.models.get(name, quant), self.refiners.get(refine)
+        except USER_ERRORS as err:
+            raise UserError(str(err)) from None
+        except (OSError, RuntimeError) as err:
+            raise UserError(f"could not load what was asked for: {err}. Pick another model or refiner.") from None
+        try:
+            result = self._run(engine, image, request, refiner)
         except USER_ERRORS as err:
             raise UserError(str(err)) from None
         result.notes[:0] = notes
