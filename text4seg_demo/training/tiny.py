@@ -112,7 +112,11 @@ def save_pretrained(model, tokenizer, out: str | Path, settings: dict) -> Path:
 
 
 FIXED_QUERIES_SEED, FIXED_QUERIES = 777, 20
-GENERATOR = "domain-wide"  # the scenes stages train on now (synth.DOMAIN); stage records say which they saw
+GENERATOR = "domain-wide-2"  # the scenes stages train on now (synth.DOMAIN); stage records say which they saw
+EARLIER_GENERATORS = {  # what a card says of a stage that saw another generator
+    None: "scenes of the earlier generator (dull solid, gradient and noisy backgrounds only)",
+    "domain-wide": "scenes of the first domain-wide generator (textures at 12-80 px, 1-6 shapes a scene)",
+}
 
 
 def fixed_queries():
@@ -150,7 +154,7 @@ def stage_flags(t: dict) -> str:
 def _stage_summary(stage: dict) -> str:
     where = f" on {stage.get('hardware') or stage.get('device', 'cpu')}"
     if stage.get("generator") != GENERATOR:
-        where += ", scenes of the earlier generator (dull solid, gradient and noisy backgrounds only)"
+        where += ", " + EARLIER_GENERATORS.get(stage.get("generator"), EARLIER_GENERATORS[None])
     if stage.get("stage") == "tower":
         return f"tower stage, {stage['steps']} steps of {stage['batch']} scenes in {stage['minutes']} min{where}"
     if stage["steps"] == 0:
