@@ -43,6 +43,9 @@ def _manifest(root, lines):
     half[:16] = 255
     Image.fromarray(half).save(root / "i" / "half.png")
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "i" / "none.png")
+    dot = np.zeros((32, 32), np.uint8)
+    dot[0, 0] = 255  # a one-pixel target that the 16 x 16 grid does not see
+    Image.fromarray(dot).save(root / "i" / "dot.png")
     (root / "manifest.jsonl").write_text("".join(
         json.dumps({"image": "i/x.png", "expression": e, "mask": f"i/{m}.png", "kind": k}) + "\n" for e, m, k in lines))
     return half > 0
@@ -69,18 +72,19 @@ def test_eval_aggregates_like_the_reference(tmp_path, monkeypatch):
 
 
 def test_no_target_and_target_accuracies_as_grefcoco_defines_them(tmp_path, monkeypatch):
-    # two no-target queries (one answered empty, one not) and three with a target (two found)
+    # two no-target queries (one answered empty, one not) and four with a target (two found; a
+    # one-pixel target answered empty is a target missed, although the grid cannot show it)
     half = _manifest(tmp_path, [("a", "none", "g"), ("b", "none", "g"), ("c", "half", "g"), ("d", "half", "g"),
-                                ("e", "half", "g")])
+                                ("e", "half", "g"), ("f", "dot", "g")])
     nothing, corner = np.zeros((32, 32), bool), np.zeros((32, 32), bool)
     corner[30:, 30:] = True  # a wrong, non-empty answer: counts as "there is a target"
-    _answering(monkeypatch, [nothing, corner, half, corner, nothing])
+    _answering(monkeypatch, [nothing, corner, half, corner, nothing, nothing])
     report = evaluate_module.evaluate(Engine(), str(tmp_path), progress=False)
     assert report["no_target"]["n"] == 2
-    assert report["no_target"]["n_acc"]["coarse"] == 0.5
-    assert report["no_target"]["t_acc"]["coarse"] == pytest.approx(2 / 3)
+    assert report["no_target"]["n_acc"] == {"grid": 0.5, "coarse": 0.5, "refined": 0.5}
+    assert report["no_target"]["t_acc"]["coarse"] == report["no_target"]["t_acc"]["grid"] == 0.5
     # gIoU: the empty answer on no target scores 1, the corner on no target 0; cIoU ignores the first
-    assert report["giou"]["coarse"] == pytest.approx((1 + 0 + 1 + 0 + 0) / 5)
+    assert report["giou"]["coarse"] == pytest.approx((1 + 0 + 1 + 0 + 0 + 0) / 6)
 
 
 def test_rows_stream_to_disk_and_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):

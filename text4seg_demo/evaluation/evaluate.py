@@ -104,6 +104,28 @@ def _meters(rows: list[dict]) -> dict[str, IoUMeter]:
     return meters
 
 
+def _no_target(rows: list[dict]) -> dict | None:
+    """gRefCOCO's accuracies, for each kind of answer: of the queries without a target (no
+    target pixel), the share answered with an empty mask (N-acc); of the others, the share
+    answered with a non-empty one (T-acc). None when every query has a target."""
+
+    def truth(row):
+        inter, union, predicted = row["counts"]["coarse"]
+        return union - predicted + inter
+
+    empty = [r for r in rows if truth(r) == 0]
+    present = [r for r in rows if truth(r) > 0]
+
+    def share(group, answered_empty: bool, mask: str):
+        kept = [(r["counts"][mask][2] == 0) == answered_empty for r in group if mask in r["counts"]]
+        return float(np.mean(kept)) if kept else None
+
+    if not empty:
+        return None
+    return {"n": len(empty), "n_acc": {mask: share(empty, True, mask) for mask in MASKS},
+            "t_acc": {mask: share(present, False, mask) for mask in MASKS}}
+
+
 def summarise(rows: list[dict], model: str, grid: int, refiner: str, constrained: bool) -> dict:
     """The report of a run from its rows; the fields are documented in docs/evaluation.md."""
     meters, n = _meters(rows), len(rows)
@@ -116,10 +138,9 @@ def summarise(rows: list[dict], model: str, grid: int, refiner: str, constrained
         "mean_generated_tokens": float(np.mean([r["generated_tokens"] for r in rows])) if n else None,
         "mean_latency_s": float(np.mean([r["latency_s"] for r in rows])) if n else None,
     }
-    if meters["grid"].empty_answered:
-        report["no_target"] = {"n": len(meters["grid"].empty_answered),
-                               "n_acc": {mask: meters[mask].n_acc for mask in MASKS},
-                               "t_acc": {mask: meters[mask].t_acc for mask in MASKS}}
+    no_target = _no_target(rows)
+    if no_target:
+        report["no_target"] = no_target
     kinds = sorted({r["kind"] for r in rows if "kind" in r})
     if kinds:
         report["by_kind"] = {}
@@ -129,8 +150,9 @@ def summarise(rows: list[dict], model: str, grid: int, refiner: str, constrained
                      "grid_prec50": m["grid"].prec50, "coarse_ciou": m["coarse"].ciou, "coarse_giou": m["coarse"].giou}
             if m["refined"].ious:
                 entry.update(refined_ciou=m["refined"].ciou, refined_giou=m["refined"].giou)
-            if m["grid"].empty_answered:
-                entry.update(n_acc={mask: m[mask].n_acc for mask in MASKS if m[mask].ious})
+            kind_no_target = _no_target([r for r in rows if r.get("kind") == kind])
+            if kind_no_target:
+                entry["n_acc"] = kind_no_target["n_acc"]
             report["by_kind"][kind] = entry
     repeat = [r["refine_repeat_s"] for r in rows if "refine_repeat_s" in r]
     if repeat:

@@ -1,5 +1,4 @@
-"""Referring-segmentation metrics as the reference defines them (cIoU, gIoU), and gRefCOCO's
-no-target accuracies (N-acc, T-acc) as its paper defines them."""
+"""Referring-segmentation metrics as the reference defines them (cIoU, gIoU)."""
 
 from __future__ import annotations
 
@@ -20,14 +19,12 @@ def counts(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int]:
 
 
 class IoUMeter:
-    """Accumulates cIoU (summed intersections over summed unions), gIoU (mean per-query IoU)
-    and the no-target accuracies, from masks or from kept :func:`counts`."""
+    """Accumulates cIoU (summed intersections over summed unions) and gIoU (mean per-query IoU),
+    from masks or from kept :func:`counts`."""
 
     def __init__(self):
         self.inter = self.union = 0
         self.ious: list[float] = []
-        self.empty_answered: list[bool] = []  # per no-target query: answered with an empty mask
-        self.target_answered: list[bool] = []  # per query with a target: answered with a non-empty mask
 
     def add(self, pred: np.ndarray, truth: np.ndarray) -> float:
         return self.add_counts(*counts(pred, truth))
@@ -36,10 +33,6 @@ class IoUMeter:
         self.inter += inter
         self.union += union
         self.ious.append(1.0 if union == 0 else inter / union)
-        if union - predicted + inter == 0:
-            self.empty_answered.append(predicted == 0)
-        else:
-            self.target_answered.append(predicted > 0)
         return self.ious[-1]
 
     @property
@@ -56,13 +49,3 @@ class IoUMeter:
     def prec50(self) -> float | None:
         """Share of queries with IoU >= 0.5: how often the referred object was found at all."""
         return float(np.mean(np.asarray(self.ious) >= 0.5)) if self.ious else None
-
-    @property
-    def n_acc(self) -> float | None:
-        """Of the queries without a target, the share answered with an empty mask (gRefCOCO's N-acc)."""
-        return float(np.mean(self.empty_answered)) if self.empty_answered else None
-
-    @property
-    def t_acc(self) -> float | None:
-        """Of the queries with a target, the share answered with a non-empty mask (gRefCOCO's T-acc)."""
-        return float(np.mean(self.target_answered)) if self.target_answered else None
