@@ -40,7 +40,7 @@ OUT_OF_MEMORY = (MemoryError, torch.cuda.OutOfMemoryError)
 FULL_PARTNER = {"tiny-rrle": "tiny-full"}  # the model that writes full-length descriptors natively
 RRLE_PARTNER = {v: k for k, v in FULL_PARTNER.items()}
 MAX_POINTS = 100  # SAM point prompts per side
-# Grammar-constrained decoding is on by default for the bundled models: it costs them about nothing a
+# Grammar-constrained decoding is on by default for the bundled models: it costs them no measurable time a
 # token (`text4seg bench`, `constrained`) and every answer is well formed.
 CONSTRAINED_BY_DEFAULT = frozenset(FULL_PARTNER) | frozenset(RRLE_PARTNER)
 
