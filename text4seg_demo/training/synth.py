@@ -329,8 +329,11 @@ def samples(maker: SceneMaker, focus: str | None = None, contrast: bool = False,
     colour-and-shape and absent queries come from :meth:`SceneMaker.scene`'s rival scenes, are
     those that the shape kind alone cannot answer, and pair with a query sharing a word."""
     focus = focus or KINDS[int(maker.rng.integers(len(KINDS)))]
-    image, visible, shapes = maker.scene(focus, colour_rivals)
-    candidates = maker.candidates(shapes, visible)
+    for _ in range(8):  # a busy scene can hide what the focus kind needs: draw another
+        image, visible, shapes = maker.scene(focus, colour_rivals)
+        candidates = maker.candidates(shapes, visible)
+        if candidates[focus]:
+            break
     if colour_rivals and focus in ("colour_shape", "absent"):
         candidates[focus] = [q for q in candidates[focus] if _hinges_on_colour(q, shapes)] or candidates[focus]
     query = maker.choose(candidates, focus)[0]
