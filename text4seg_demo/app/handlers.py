@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,8 +57,9 @@ def constrained_default(model: str) -> bool:
 class Models:
     """Loaded models by (name, precision); at most ``size`` kept, one load at a time."""
 
-    def __init__(self, size: int = 2):
-        self.size, self._models, self._lock = size, OrderedDict(), threading.Lock()
+    def __init__(self, size: int = 2, loaded: dict | None = None):
+        """``loaded``: models already in memory, by (name, precision), served without a second load."""
+        self.size, self._models, self._lock = size, OrderedDict(loaded or {}), threading.Lock()
 
     def get(self, name: str, quant: str):
         key = (name, quant)
@@ -244,17 +246,17 @@ def partial_grid(rows: list[list[str]], labels: list[str], size: int) -> np.ndar
 class Demo:
     """The app's state (loaded models and refiners, a scratch folder for downloads) and its actions."""
 
-    def __init__(self, default_model: str | None = None, limits: Limits | None = None):
+    def __init__(self, default_model: str | None = None, limits: Limits | None = None, models: Models | None = None):
         self.limits = limits or Limits.from_env()
         self.model_name, self.model_note = choose_default(default_model)
-        self.models, self.refiners = Models(), Refiners()
+        self.models, self.refiners = models or Models(), Refiners()
         try:  # load at start-up (on ZeroGPU too), so the first request does not wait for it
             self.models.get(self.model_name, "auto")
         except (ModelUnavailable, OSError, RuntimeError, ValueError) as err:
             self.model_note += (f"\n\n⚠️ {self.model_name} could not be loaded: {err}. "
                                 "Pick another model under *Advanced*.")
         self.scratch = Path(tempfile.mkdtemp(prefix="text4seg-results-"))
-        self._comparisons, self._warmed = 0, set()  # Compare both: whose turn to go first; warmed models
+        self._comparisons, self._warmed = 0, weakref.WeakSet()  # Compare both: whose turn goes first; warmed models
 
     def request(self, expression: str | None, mode: str, classes: str | None, fmt: str | None, grid, constrained,
                 points, seed, max_new, model: str) -> Request:
@@ -418,12 +420,12 @@ class Demo:
     def _warm_up(self, engine) -> None:
         """One short answer on a blank picture, once per loaded model: the first call's one-off
         costs (allocations, kernel choices) stay out of any measurement."""
-        if id(engine) in self._warmed:
+        if engine in self._warmed:
             return
         blank = Image.new("RGB", (64, 64), "gray")
         engine.generate(blank, engine.question("the object"), ["the object"], max_new_tokens=4)
         engine.clear_caches()
-        self._warmed.add(id(engine))
+        self._warmed.add(engine)
 
     def compare_api(self, image_file, expression: str, model: str = "", quant: str = "auto") -> dict:
         """The ``compare`` API: what *Compare both* shows, as JSON (see :func:`_side_record`)."""

@@ -87,7 +87,7 @@ def bench(data: str, rrle_model: str = "tiny-rrle", full_model: str = "tiny-full
         "jump_forward": {fmt: _jump_forward(engine, items[: min(20, len(items))])
                          for fmt, engine in (("rrle", rrle), ("full", full))},
         "jump_forward_llama": {grid: _canonical_jump_forward(queries, llama, grid) for grid in (16, 24)},
-        "app_streaming": _app_streaming(rrle_model, queries[: min(20, len(queries))]),
+        "app_streaming": _app_streaming(rrle_model, rrle, queries[: min(20, len(queries))]),
     }
     return out
 
@@ -172,14 +172,14 @@ def _jump_forward(engine, items) -> dict:
             "same_text": _mean([a["text"] == b["text"] for a, b in zip(jumped, plain)])}
 
 
-def _app_streaming(model: str, queries) -> dict:
+def _app_streaming(model: str, engine, queries) -> dict:
     """The app's run (the answer decoded in a worker thread while the page's updates are drawn)
     against the same question answered unstreamed, taking turns: the decode time the page
-    reports against the model's own. Both decode as the app does by default for the model."""
-    from ..app.handlers import Demo, constrained_default
+    reports against the model's own. Both decode with ``engine``, as the app does by default."""
+    from ..app.handlers import Demo, Models, constrained_default
 
-    demo = Demo(model)
-    engine, constrained = demo.models.get(model, "auto"), constrained_default(model)
+    demo = Demo(model, models=Models(loaded={(model, "auto"): engine}))
+    constrained = constrained_default(model)
 
     def page(image, query):
         result = list(demo.analyse(str(query.image), query.expression, refine="none"))[-1]["result"]

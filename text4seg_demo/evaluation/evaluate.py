@@ -145,12 +145,13 @@ def summarise(rows: list[dict], model: str, grid: int, refiner: str, constrained
     if kinds:
         report["by_kind"] = {}
         for kind in kinds:
-            m = _meters([r for r in rows if r.get("kind") == kind])
+            kind_rows = [r for r in rows if r.get("kind") == kind]
+            m = _meters(kind_rows)
             entry = {"n": len(m["grid"].ious), "grid_ciou": m["grid"].ciou, "grid_giou": m["grid"].giou,
                      "grid_prec50": m["grid"].prec50, "coarse_ciou": m["coarse"].ciou, "coarse_giou": m["coarse"].giou}
             if m["refined"].ious:
                 entry.update(refined_ciou=m["refined"].ciou, refined_giou=m["refined"].giou)
-            kind_no_target = _no_target([r for r in rows if r.get("kind") == kind])
+            kind_no_target = _no_target(kind_rows)
             if kind_no_target:
                 entry["n_acc"] = kind_no_target["n_acc"]
             report["by_kind"][kind] = entry
@@ -248,8 +249,8 @@ def evaluate(engine: Text4SegModel | None, data: str, refiner=None, constrained:
     queries = read_manifest(data, limit)
     if workers > 1 and replica is None:
         raise ValueError("--workers needs a model for each worker (it does not apply to --oracle)")
-    if replica is not None and engine is None and workers <= 1:
-        engine, refiner = replica.build()
+    if replica is not None and workers <= 1:
+        raise ValueError("a replica is built in each worker process: pass the loaded engine for one worker")
     name = replica.model if replica is not None else (engine.name if engine is not None else "oracle")
     store = RowsFile(rows, queries, name, resume) if rows else None
     done = dict(store.done) if store else {}
