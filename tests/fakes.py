@@ -71,14 +71,17 @@ def write_tiny_clip(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def write_original_llava(root: Path, vision_in_checkpoint: bool = True, seed: int = 0, sentencepiece: bool = False):
+def write_original_llava(root: Path, vision_in_checkpoint: bool = True, seed: int = 0, sentencepiece: bool = False,
+                         text: dict | None = None):
     """A random LLaVA-1.5-style checkpoint in the original code base's layout.
 
     Returns ``(directory, reference)`` where ``reference`` is a transformers LLaVA built
     directly from the same weights (its image token appended at the end of the vocabulary).
     The tokenizer is the LLaMA vocabulary, as ``tokenizer.json`` or, with ``sentencepiece``, as a
-    ``tokenizer.model`` alone like the released checkpoint's.
+    ``tokenizer.model`` alone like the released checkpoint's. ``text`` overrides the language
+    model's shape (``LLAMA``).
     """
+    text = {**LLAMA, **(text or {})}
     tower = write_tiny_clip(root / "tiny-clip", seed)
     ckpt = root / "text4seg-tiny-llava-p24"
     if sentencepiece:
@@ -88,7 +91,7 @@ def write_original_llava(root: Path, vision_in_checkpoint: bool = True, seed: in
     vocab = len(tokenizer)
     torch.manual_seed(seed + 1)
     config = LlavaConfig(vision_config=CLIPVisionConfig(**CLIP),
-                         text_config=LlamaConfig(vocab_size=vocab + 1, **LLAMA), image_token_index=vocab,
+                         text_config=LlamaConfig(vocab_size=vocab + 1, **text), image_token_index=vocab,
                          image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default")
     reference = LlavaForConditionalGeneration(config).eval()
     reference.model.vision_tower.load_state_dict(CLIPVisionModel.from_pretrained(tower).state_dict())
@@ -120,7 +123,7 @@ def write_original_llava(root: Path, vision_in_checkpoint: bool = True, seed: in
         tokenizer.save_pretrained(ckpt)
     (ckpt / "config.json").write_text(json.dumps({
         "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "vocab_size": vocab,
-        **LLAMA, "hidden_act": "silu", "tie_word_embeddings": False,
+        **text, "hidden_act": "silu", "tie_word_embeddings": False,
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
         "mm_vision_tower": str(tower), "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": CLIP["hidden_size"],
         "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_use_im_start_end": False,

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_readmes_library_example_runs_as_written(monkeypatch):
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Library", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
     assert len(code.strip().splitlines()) <= 7
     monkeypatch.chdir(ROOT)
     out = io.StringIO()

@@ -102,11 +102,36 @@ def _tokenizer(args):
 # --------------------------------------------------------------------------- models
 
 
+def _servers(args) -> list[str]:
+    from .inference.remote import servers_from_env
+
+    return args.server or servers_from_env()
+
+
+def _connect(args) -> list:
+    """One engine for each server of ``--server`` (or ``TEXT4SEG_SERVER``), all serving one model."""
+    from .inference.remote import RemoteError, RemoteModel
+
+    engines = [RemoteModel(url, args.model, grid=getattr(args, "grid", None)) for url in _servers(args)]
+    if len({e.name for e in engines}) > 1:
+        raise RemoteError(f"the servers serve different models ({', '.join(e.name for e in engines)}): "
+                          "choose one with --model")
+    return engines
+
+
 def _load_model(args):
+    """The model of ``--model``: on the server given, else loaded here."""
+    from .inference.hub import DEFAULT_MODEL
     from .inference.loading import load
 
-    return load(args.model, quant=args.quant, device=args.device, adapter=getattr(args, "adapter", None),
-                grid=getattr(args, "grid", None), log=lambda m: print(m, file=sys.stderr))
+    if _servers(args):
+        engines = _connect(args)
+        if len(engines) > 1:
+            raise ValueError(f"{args.command} asks one server; `eval` spreads queries over several")
+        return engines[0]
+    return load(args.model or DEFAULT_MODEL, quant=args.quant, device=args.device,
+                adapter=getattr(args, "adapter", None), grid=getattr(args, "grid", None),
+                log=lambda m: print(m, file=sys.stderr))
 
 
 def cmd_segment(args) -> int:
@@ -213,16 +238,24 @@ def cmd_card(args) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluation.evaluate import Replica, evaluate
+    from .inference.hub import DEFAULT_MODEL
 
     if args.oracle and args.workers > 1:
         raise ValueError("--workers runs model replicas; --oracle has no model")
+    if args.concurrency > 1 and not _servers(args):
+        raise ValueError("--concurrency keeps requests in flight on --server; a local model runs one at a time "
+                         "(use --workers for replicas here)")
     if args.workers > 1:  # each worker loads its own model and refiner
         engine, refiner = None, None
-        replica = Replica(args.model, args.quant, args.device, args.adapter, args.grid, args.refine, args.sam_checkpoint)
+        replica = Replica(args.model or DEFAULT_MODEL, args.quant, args.device, args.adapter, args.grid, args.refine,
+                          args.sam_checkpoint)
+    elif _servers(args):
+        engine, refiner, replica = _connect(args), _refiner(args), None
     else:
         engine, refiner, replica = None if args.oracle else _load_model(args), _refiner(args), None
     report = evaluate(engine, args.data, refiner=refiner, constrained=args.constrained, limit=args.limit,
-                      grid=args.grid or 16, rows=args.rows, resume=args.resume, replica=replica, workers=args.workers)
+                      grid=args.grid or 16, rows=args.rows, resume=args.resume, replica=replica, workers=args.workers,
+                      concurrency=args.concurrency)
     _emit(report, args.json, drop=("queries",))
     return 0
 
@@ -280,8 +313,11 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     from .inference.devices import QUANTS
     from .inference.hub import DEFAULT_MODEL, PRESETS
 
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"preset ({', '.join(PRESETS)}), hub id or local directory")
+    p.add_argument("--model", help=f"preset ({', '.join(PRESETS)}), hub id or local directory (default "
+                                   f"{DEFAULT_MODEL}); with --server, the served model's name (default: its only one)")
+    p.add_argument("--server", action="append", metavar="URL",
+                   help="an OpenAI-compatible server (vllm serve) answers instead of a local model; default: "
+                        "$TEXT4SEG_SERVER. eval takes several (repeat the option)")
     p.add_argument("--quant", default="auto", choices=QUANTS,
                    help="auto: 4-bit nf4 on CUDA, full precision on CPU")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
@@ -419,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--resume", action="store_true", help="keep the rows already in --rows and skip their queries")
     ev.add_argument("--workers", type=int, default=1,
                     help="score queries on N model replicas in N processes (one per GPU in turn; default 1)")
+    ev.add_argument("--concurrency", type=int, default=1,
+                    help="with --server: keep N requests in flight, spread over the servers (default 1)")
     ev.set_defaults(func=cmd_eval)
 
     from .datasets.conversations import STYLES

@@ -8,8 +8,8 @@ patch grid -> refine -> result. The app, the CLI, ``eval`` and ``bench`` all cal
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image

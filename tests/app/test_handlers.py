@@ -167,3 +167,28 @@ def test_a_zerogpu_request_declares_the_seconds_its_answer_needs():
     assert gpu_seconds(released, "rrle") > gpu_seconds("tiny-rrle", "rrle")  # 576 cells against 256
     assert gpu_seconds(released, "full", max_new_tokens=50) < gpu_seconds(released, "full")  # within its budget
     assert gpu_seconds(released, "compare") < 120  # the fixed duration it replaces
+
+
+def test_a_model_on_the_hosts_server_is_a_choice_and_other_servers_are_refused(monkeypatch):
+    import numpy as np
+    from openai_stub import Script, serving
+
+    from text4seg_demo.app.handlers import choose_default
+    from text4seg_demo.descriptors import codec
+
+    cells = np.zeros((16, 16), int)
+    cells[3, 4] = 1
+    answer = codec.wrap(codec.encode(cells, ["others", "the blue square"], "rrle"), "Sure:")
+    with serving(Script("text4seg-llava-7b-p16", answer)) as url:
+        monkeypatch.setenv("TEXT4SEG_SERVER", url)
+        name, note = choose_default()
+        assert name == f"text4seg-llava-7b-p16 @ {url}" and url in note
+        public = Demo(None, Limits(public=True))
+        update = list(public.analyse(str(EXAMPLE), "the blue square", name=name, refine="none"))[-1]
+        assert update["result"].grid.sum() == 1 and update["result"].model == "text4seg-llava-7b-p16"
+        assert public.segment_api(str(EXAMPLE), "the blue square", model=name, refine="none")["quant"] == "server"
+        compared = list(public.analyse(str(EXAMPLE), "the blue square", name=name, fmt_choice="Compare both",
+                                       refine="none"))[-1]
+        assert "the full-length side failed" in compared["status"] and compared.get("compare") is None
+        elsewhere = "text4seg-llava-7b-p16 @ http://127.0.0.1:9"
+        assert "serves only" in list(public.analyse(str(EXAMPLE), "the blue square", name=elsewhere))[-1]["status"]

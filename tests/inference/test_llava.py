@@ -46,6 +46,28 @@ def test_converted_logits_match_a_directly_built_llava(tmp_path, tower_in_checkp
     assert json.loads((tmp_path / "hf" / "text4seg.json").read_text())["grid"] == 24  # from "p24" in the name
 
 
+@pytest.mark.parametrize("sentencepiece", [False, True])
+def test_the_converted_checkpoint_tells_a_server_its_own_prompt(tmp_path, sentencepiece):
+    """What `vllm serve` reads: the chat template, rendered and tokenised in one piece as a server
+    does, gives the ids LLaVA's piecewise tokenisation gives; the tower under llava-hf names."""
+    from safetensors import safe_open
+    from transformers import AutoProcessor
+
+    ckpt, _ = write_original_llava(tmp_path, sentencepiece=sentencepiece)
+    served = convert(ckpt, tmp_path / "hf", log=lambda m: None)
+    engine = load(str(served), log=lambda m: None)
+    question = engine.question(LABEL)
+    before, after = engine._prompt_ids(question)
+    processor = AutoProcessor.from_pretrained(served)
+    message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+    text = processor.apply_chat_template([message], add_generation_prompt=True, tokenize=False)
+    assert processor.tokenizer(text, add_special_tokens=False)["input_ids"] == before + [engine.image_token_id] + after
+    assert processor.patch_size == 14 and processor.vision_feature_select_strategy == "default"
+    with safe_open(str(served / "model.safetensors"), "pt") as weights:
+        tower = [k for k in weights.keys() if "vision_tower" in k]  # noqa: SIM118 - safe_open is not a dict
+    assert tower and all(k.startswith("vision_tower.vision_model.") for k in tower)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["rrle", "full"])
 @pytest.mark.parametrize("grid", [16, 24])

@@ -31,6 +31,7 @@ from ..images import BadImage, prepare
 from ..inference.engine import StreamEvent
 from ..inference.hub import DEFAULT_MODEL, ModelUnavailable, resolve
 from ..inference.loading import load
+from ..inference.remote import RemoteModel, parse_choice, served_choices, servers_from_env
 from ..pipeline import Request, Result, segment, segment_stream
 from ..refine import RefinerError, build_refiner
 from .hosting import Limits
@@ -65,7 +66,9 @@ class Models:
         key = (name, quant)
         with self._lock:
             if key not in self._models:
-                self._models[key] = load(name, quant=quant, log=lambda m: print(m, flush=True))
+                served = parse_choice(name)
+                self._models[key] = (RemoteModel(served[1], served[0]) if served
+                                     else load(name, quant=quant, log=lambda m: print(m, flush=True)))
                 while len(self._models) > self.size:
                     self._models.popitem(last=False)
             self._models.move_to_end(key)
@@ -94,6 +97,10 @@ def choose_default(requested: str | None = None) -> tuple[str, str]:
     requested = requested or os.environ.get("TEXT4SEG_MODEL")
     if requested:
         return requested, f"Running **{requested}** (chosen with TEXT4SEG_MODEL or --model)."
+    served = served_choices(servers_from_env())
+    if served:
+        model, url = parse_choice(served[0])
+        return served[0], f"Running **{model}** on the server at {url} (TEXT4SEG_SERVER)."
     if torch.cuda.is_available():
         try:
             resolve("text4seg-llava-7b-p24")
@@ -370,6 +377,9 @@ class Demo:
         the measurement, caches cleared before each, the side going first alternating between
         comparisons. Returns the full-length grid view, a sentence, a table of tokens and decode
         milliseconds, and the ``record`` the ``compare`` API returns (the same figures)."""
+        if isinstance(engine, RemoteModel):
+            raise UserError("the full-length side is written or replayed by a local model; a served model "
+                            "answers in one format at a time (pick R-RLE or Full-length)")
         partner = FULL_PARTNER.get(name)
         if partner:
             full_engine = self.models.get(partner, quant)

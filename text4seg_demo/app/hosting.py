@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..inference.hub import PRESETS
+from ..inference.remote import CHOICE, _base, parse_choice, servers_from_env
 from ..inference.settings import grid_from_name
 
 # What a Hugging Face Space receives (`hf upload --repo-type space USER/NAME . --include ... --exclude ...`,
@@ -50,8 +51,11 @@ class Limits:
                    queue_size=int(env.get("TEXT4SEG_QUEUE_SIZE", defaults.queue_size)))
 
     def model(self, name: str) -> str:
-        """``name`` if visitors may use it; a public demo refuses anything else with a message."""
-        if self.public and name not in self.allowed_models:
+        """``name`` if visitors may use it; a public demo refuses anything else with a message
+        (a served model only on a server the host named in TEXT4SEG_SERVER)."""
+        served = parse_choice(name) if CHOICE in name else None
+        hosted = served is not None and served[1] in {_base(url) for url in servers_from_env()}
+        if self.public and name not in self.allowed_models and not hosted:
             raise ValueError(f"this public demo serves only {', '.join(self.allowed_models)}; run the project "
                              f"yourself to try {name[:80]!r}")
         return name

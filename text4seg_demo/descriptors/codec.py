@@ -17,8 +17,8 @@ This module deliberately imports neither torch nor PIL so the CLI starts fast.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 

@@ -8,7 +8,7 @@ the rule ``rN`` is "the rest of a row that still needs N cells", so every row su
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 from .codec import OTHERS, check_label
 

@@ -36,6 +36,26 @@ TEMPLATES = {
 }
 
 
+# ``llava_v1`` as a chat template, for servers that build the prompt from chat messages (``vllm
+# serve``). A server tokenises the rendered text in one piece, where LLaVA tokenises the text
+# around the image piece by piece, each with SentencePiece's leading space; the two spaces
+# below (after the BOS and after the image) give those same token ids under the LLaMA tokenizer.
+LLAVA_V1_CHAT_TEMPLATE = (
+    "{{ bos_token }} " + LLAVA_SYSTEM
+    + "{% for message in messages %}"
+    "{% if message['role'] == 'user' %} USER: {% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] in ('image', 'image_url') %}" + IMAGE + " \n"
+    "{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}"
+    "{% elif message['role'] == 'assistant' %} ASSISTANT:{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
+
+
 def question(expression: str, template: int | None = 0, rng: random.Random | None = None) -> str:
     """A referring question; ``template=None`` picks one at random like training does."""
     if template is None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from tqdm import tqdm
 
 from ..descriptors.codec import parse_answer
 from ..images import prepare
-from ..inference.engine import Text4SegModel
+from ..inference.engine import Engine
+from ..inference.remote import RemoteModel
 from ..masks import load_mask, to_grid, to_image
 from ..pipeline import Request, Result, segment
 from .manifest import Query, read_manifest
@@ -58,7 +60,7 @@ class Replica:
         return engine, refiner
 
 
-def score(engine: Text4SegModel | None, refiner, query: Query, index: int, constrained: bool = False,
+def score(engine: Engine | None, refiner, query: Query, index: int, constrained: bool = False,
           grid: int = 16) -> dict:
     """One query's row: pixel counts of every answer mask, tokens, latency and diagnostics.
 
@@ -236,46 +238,93 @@ def _in_workers(replica: Replica, workers: int, jobs: list[tuple[int, Query]], c
             yield future.result()
 
 
-def evaluate(engine: Text4SegModel | None, data: str, refiner=None, constrained: bool = False,
+def _in_flight(engines: list[Engine], refiner, concurrency: int, jobs: list[tuple[int, Query]], constrained: bool,
+               grid: int):
+    """Rows of ``jobs`` as they come, ``concurrency`` requests in flight, the k-th job on engine k
+    modulo their number (servers batch what is in flight); refinement runs one at a time."""
+    lock = threading.Lock()
+
+    def run(k: int, index: int, query: Query) -> dict:
+        return score(engines[k % len(engines)], _Serialised(refiner, lock) if refiner else None, query, index,
+                     constrained, grid)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        futures = [pool.submit(run, k, index, query) for k, (index, query) in enumerate(jobs)]
+        for future in as_completed(futures):
+            yield future.result()
+
+
+@dataclass
+class _Serialised:
+    """A refiner shared by threads, one refinement at a time."""
+
+    refiner: object
+    lock: threading.Lock
+
+    @property
+    def name(self) -> str:
+        return self.refiner.name
+
+    def refine(self, *args, **kwargs):
+        with self.lock:
+            return self.refiner.refine(*args, **kwargs)
+
+
+def evaluate(engine: Engine | list[Engine] | None, data: str, refiner=None, constrained: bool = False,
              limit: int | None = None, progress: bool = True, grid: int = 16, rows: str | Path | None = None,
-             resume: bool = False, replica: Replica | None = None, workers: int = 1) -> dict:
+             resume: bool = False, replica: Replica | None = None, workers: int = 1, concurrency: int = 1) -> dict:
     """Score every query of ``data`` and report (see :func:`summarise`).
 
     ``engine=None`` and no ``replica``: the oracle (see :func:`score`). ``rows``: a JSONL file
     that gets each query's row as soon as it is done; with ``resume`` the rows already there
     are kept and their queries skipped. ``workers`` > 1 scores queries in that many processes,
     each building ``replica`` (a model on each GPU in turn, or CPU threads shared out).
+    ``concurrency`` > 1 keeps that many queries in flight on ``engine`` (served models: a list
+    of them, one per server, queries spread over them).
     """
     queries = read_manifest(data, limit)
+    engines = engine if isinstance(engine, list) else [engine]
+    engine = engines[0]
     if workers > 1 and replica is None:
         raise ValueError("--workers needs a model for each worker (it does not apply to --oracle)")
     if replica is not None and workers <= 1:
         raise ValueError("a replica is built in each worker process: pass the loaded engine for one worker")
+    if (concurrency > 1 or len(engines) > 1) and not all(isinstance(e, RemoteModel) for e in engines):
+        raise ValueError("concurrent queries need served models (--server); a local model answers one at a time")
     name = replica.model if replica is not None else (engine.name if engine is not None else "oracle")
     store = RowsFile(rows, queries, name, resume) if rows else None
     done = dict(store.done) if store else {}
     jobs = [(i, q) for i, q in enumerate(queries) if i not in done]
-    fresh = (_in_workers(replica, workers, jobs, constrained, grid) if workers > 1
-             else (score(engine, refiner, q, i, constrained, grid) for i, q in jobs))
+    if workers > 1:
+        fresh = _in_workers(replica, workers, jobs, constrained, grid)
+    elif concurrency > 1 or len(engines) > 1:
+        fresh = _in_flight(engines, refiner, max(concurrency, len(engines)), jobs, constrained, grid)
+    else:
+        fresh = (score(engine, refiner, q, i, constrained, grid) for i, q in jobs)
+    t0 = time.perf_counter()
     for row in tqdm(fresh, total=len(jobs), desc=f"eval {name}", disable=not progress, unit="query"):
         row["model"] = name
         done[row["index"]] = row
         if store:
             store.write(row)
+    seconds = time.perf_counter() - t0
     refiner_name = replica.refine if engine is None and replica else getattr(refiner, "name", "none")
     rows_done = [done[i] for i in sorted(done)]
     grid = rows_done[0]["grid"] if rows_done else grid
-    return summarise(rows_done, name, grid, refiner_name, constrained)
+    report = summarise(rows_done, name, grid, refiner_name, constrained)
+    report["throughput"] = {"queries": len(jobs), "seconds": round(seconds, 3),
+                            "queries_per_s": round(len(jobs) / seconds, 3) if jobs and seconds else None}
+    return report
 
 
-def grid_answers(engine: Text4SegModel, queries) -> list:
+def grid_answers(engine: Engine, queries) -> list:
     """Greedy answers to (image, expression, mask) triples, parsed on the model's grid."""
     grid, fmt = engine.settings.grid, engine.settings.fmt
     return [parse_answer(engine.generate(image, engine.question(expression), [expression]).text, grid, fmt=fmt)
             for image, expression, _ in queries]
 
 
-def grid_scores(engine: Text4SegModel, queries) -> dict:
+def grid_scores(engine: Engine, queries) -> dict:
     """Greedy answers to (image, expression, mask) triples, scored on the grid alone."""
     meter, grid = IoUMeter(), engine.settings.grid
     answers = grid_answers(engine, queries)

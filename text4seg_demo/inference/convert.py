@@ -102,7 +102,14 @@ def _vision_config_from_weights(state: dict[str, torch.Tensor]):
 
 def convert(src: str | Path, dst: str | Path, log=print) -> Path:
     """Convert the original-LLaVA checkpoint ``src`` into a transformers directory ``dst``."""
-    from transformers import AutoTokenizer, CLIPImageProcessor, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     src, dst = Path(src), Path(dst)
     config = json.loads((src / "config.json").read_text())
@@ -166,14 +173,35 @@ def convert(src: str | Path, dst: str | Path, log=print) -> Path:
 
     dst.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst, safe_serialization=True)
-    tokenizer.save_pretrained(dst)
+    _name_vision_keys_in_full(dst)
     size = vision_config.image_size
-    processor = CLIPImageProcessor(size={"height": size, "width": size}, do_center_crop=False,
-                                   crop_size={"height": size, "width": size}, resample=2)
-    processor.save_pretrained(dst)
+    images = CLIPImageProcessor(size={"height": size, "width": size}, do_center_crop=False,
+                                crop_size={"height": size, "width": size}, resample=2)
+    # the processor and chat template let a server (``vllm serve``) build the checkpoint's own prompt
+    LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=vision_config.patch_size,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                   image_token=prompts.IMAGE, chat_template=prompts.LLAVA_V1_CHAT_TEMPLATE).save_pretrained(dst)
     Settings(grid_from_name(src.name) or 16, "rrle", "llava_v1").write(dst, converted_from=str(src))
     log(f"converted model written to {dst}")
     return dst
+
+
+def _name_vision_keys_in_full(dst: Path) -> None:
+    """Write the tower's weights as ``vision_tower.vision_model.*``, the llava-hf names that vLLM
+    and transformers both load (transformers 5 saves them as ``vision_tower.*``)."""
+    from safetensors.torch import load_file, save_file
+
+    def renamed(key: str) -> str:
+        return re.sub(r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model.", key)
+
+    for shard in sorted(dst.glob("*.safetensors")):
+        state = load_file(str(shard))
+        save_file({renamed(k): v for k, v in state.items()}, str(shard), metadata={"format": "pt"})
+    index = dst / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {renamed(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
 
 
 def _load_vision_config(tower_dir: Path):

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -59,7 +59,52 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class Text4SegModel:
+class Engine:
+    """What the pipeline asks of a model, local or served: how it speaks (``settings``), its
+    question, a streamed greedy answer (:meth:`stream`) and token counts under its tokenizer."""
+
+    settings: Settings
+    name: str = ""
+    quant: str = "fp32"
+    notes: list[str]
+
+    def question(self, expression: str | None = None, classes: Sequence[str] | None = None) -> str:
+        if classes:
+            return prompts.semantic_question(list(classes))
+        return prompts.question(expression, self.settings.question_template)
+
+    def max_new_tokens(self, labels: Sequence[str], fmt: str | None = None, grid: int | None = None) -> int:
+        """Enough tokens for the costliest answer this grid and these labels allow, no more.
+
+        The worst case is measured with the model's own tokenizer: the longest label
+        alternating with ``others`` in every cell, plus the longest lead-in.
+        """
+        fmt, grid = fmt or self.settings.fmt, grid or self.settings.grid
+        longest = max([codec.OTHERS, *labels], key=self.count_tokens)
+        names = [codec.OTHERS, longest] if longest != codec.OTHERS else [codec.OTHERS, "x"]
+        worst = (np.indices((grid, grid)).sum(0) % 2).astype(int)
+        body = codec.encode(worst, names, fmt)
+        lead = max(range(len(prompts.LEAD_INS)), key=lambda i: self.count_tokens(prompts.lead_in(longest, i)))
+        return self.count_tokens(prompts.answer(longest, body, lead)) + 8
+
+    def stream(self, image: Image.Image, question: str, labels: Sequence[str], **options) -> Iterator[StreamEvent]:
+        raise NotImplementedError
+
+    def generate(self, image: Image.Image, question: str, labels: Sequence[str], **kwargs) -> Generation:
+        """The non-streaming form of :meth:`stream`."""
+        for event in self.stream(image, question, labels, **kwargs):
+            if event.done:
+                return event.generation
+        raise RuntimeError("generation ended without a final event")
+
+    def count_tokens(self, text: str) -> int:
+        raise NotImplementedError
+
+    def clear_caches(self) -> None:
+        """Forget what was kept between questions (nothing, unless a subclass keeps something)."""
+
+
+class Text4SegModel(Engine):
     """A loaded Text4Seg checkpoint, ready to answer segmentation questions."""
 
     def __init__(self, model, tokenizer, processor, settings: Settings, name: str = "", quant: str = "fp32",
@@ -83,34 +128,15 @@ class Text4SegModel:
 
     # ------------------------------------------------------------------ prompt
 
-    def question(self, expression: str | None = None, classes: Sequence[str] | None = None) -> str:
-        if classes:
-            return prompts.semantic_question(list(classes))
-        return prompts.question(expression, self.settings.question_template)
-
     def _prompt_ids(self, question: str) -> tuple[list[int], list[int]]:
         text = prompts.prompt(question, self.settings.prompt_style)
         before, after = text.split(prompts.IMAGE)
-        encode = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        encode = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]
         bos = [self.tokenizer.bos_token_id] if self._wants_bos() else []
         return bos + encode(before), encode(after)
 
     def _wants_bos(self) -> bool:
         return self.settings.prompt_style == "llava_v1" and self.tokenizer.bos_token_id is not None
-
-    def max_new_tokens(self, labels: Sequence[str], fmt: str | None = None, grid: int | None = None) -> int:
-        """Enough tokens for the costliest answer this grid and these labels allow, no more.
-
-        The worst case is measured with the model's own tokenizer: the longest label
-        alternating with ``others`` in every cell, plus the longest lead-in.
-        """
-        fmt, grid = fmt or self.settings.fmt, grid or self.settings.grid
-        longest = max([codec.OTHERS, *labels], key=self.count_tokens)
-        names = [codec.OTHERS, longest] if longest != codec.OTHERS else [codec.OTHERS, "x"]
-        worst = (np.indices((grid, grid)).sum(0) % 2).astype(int)
-        body = codec.encode(worst, names, fmt)
-        lead = max(range(len(prompts.LEAD_INS)), key=lambda i: self.count_tokens(prompts.lead_in(longest, i)))
-        return self.count_tokens(prompts.answer(longest, body, lead)) + 8
 
     # ------------------------------------------------------------------ image
 
@@ -279,13 +305,6 @@ class Text4SegModel:
         tokens = {**counts, "generated": len(ids), "decode_steps": steps}
         generation = Generation(text=text, token_ids=ids, timings=timings, tokens=tokens, constrained=constrained)
         yield StreamEvent("", text, codec.completed_rows(text, grid, fmt), done=True, generation=generation)
-
-    def generate(self, image: Image.Image, question: str, labels: Sequence[str], **kwargs) -> Generation:
-        """The non-streaming form of :meth:`stream`."""
-        for event in self.stream(image, question, labels, **kwargs):
-            if event.done:
-                return event.generation
-        raise RuntimeError("generation ended without a final event")
 
     @torch.no_grad()
     def replay(self, image: Image.Image, question: str, answer: str) -> Generation:

@@ -68,7 +68,7 @@ class AnswerPositions:
         self._closed = False  # </seg> has been written: natural positions again
         self._coverage = _Coverage(grid, grid, fmt) if scheme == "grid" else None
 
-    def fork(self) -> "AnswerPositions":
+    def fork(self) -> AnswerPositions:
         """A copy that can place tokens ahead without changing this one."""
         twin = copy.copy(self)
         twin._coverage = copy.copy(self._coverage)

@@ -64,7 +64,7 @@ class IncrementalDecoder:
         self._prefix = 0  # decoding restarts here: a boundary that is settled
         self._read = 0  # tokens up to here are already in ``text``
 
-    def fork(self) -> "IncrementalDecoder":
+    def fork(self) -> IncrementalDecoder:
         """A copy that can read tokens ahead without changing this one."""
         twin = copy.copy(self)
         twin.ids = list(self.ids)
