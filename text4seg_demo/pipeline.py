@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .descriptors import codec
-from .inference.engine import StreamEvent, Text4SegModel
+from .inference.engine import Engine, StreamEvent
 from .masks import to_image
 
 MAX_EXPRESSION_CHARS = 200
@@ -79,14 +79,14 @@ class Result:
         }
 
 
-def descriptor_costs(engine: Text4SegModel, grid: np.ndarray, labels: list[str]) -> dict:
+def descriptor_costs(engine: Engine, grid: np.ndarray, labels: list[str]) -> dict:
     """What this grid costs as R-RLE and as full-length descriptors under the model's tokenizer."""
     rrle = engine.count_tokens(codec.encode(grid, labels, "rrle"))
     full = engine.count_tokens(codec.encode(grid, labels, "full"))
     return {"rrle": rrle, "full": full, "reduction": round(1 - rrle / full, 4)}
 
 
-def segment_stream(engine: Text4SegModel, image: Image.Image, request: Request,
+def segment_stream(engine: Engine, image: Image.Image, request: Request,
                    refiner=None) -> Iterator[StreamEvent | Result]:
     """Stream the answer (``StreamEvent``s), then yield the finished :class:`Result`."""
     labels = request.labels()
@@ -120,7 +120,7 @@ def segment_stream(engine: Text4SegModel, image: Image.Image, request: Request,
                  refine=refine_info, notes=list(engine.notes))
 
 
-def segment(engine: Text4SegModel, image: Image.Image, request: Request, refiner=None) -> Result:
+def segment(engine: Engine, image: Image.Image, request: Request, refiner=None) -> Result:
     """:func:`segment_stream` without the stream."""
     for item in segment_stream(engine, image, request, refiner):
         if isinstance(item, Result):
