@@ -88,6 +88,7 @@ def bench(data: str, rrle_model: str = "tiny-rrle", full_model: str = "tiny-full
                          for fmt, engine in (("rrle", rrle), ("full", full))},
         "jump_forward_llama": {grid: _canonical_jump_forward(queries, llama, grid) for grid in (16, 24)},
         "app_streaming": _app_streaming(rrle_model, rrle, queries[: min(20, len(queries))]),
+        "int8_decode": _int8_decode(rrle_model, rrle, items[: min(40, len(items))], log),
     }
     return out
 
@@ -170,6 +171,22 @@ def _jump_forward(engine, items) -> dict:
             "steps_ratio": _mean([r["decode_steps"] for r in plain]) / _mean([r["decode_steps"] for r in jumped]),
             "decode_speedup": _mean([r["decode_s"] for r in plain]) / _mean([r["decode_s"] for r in jumped]),
             "same_text": _mean([a["text"] == b["text"] for a, b in zip(jumped, plain)])}
+
+
+def _int8_decode(model: str, engine, items, log) -> dict | None:
+    """The same model with 8-bit decode steps (``--quant 8bit`` on a CPU) against fp32, taking
+    turns: decode tokens a second and how many answers come out the same. None where the
+    machine or the model cannot decode that way."""
+    from ..inference.loading import load
+
+    int8 = load(model, quant="8bit", log=log)
+    if int8.decode_step is None:
+        return None
+    _query(int8, *items[0])  # its warm-up
+    fast, full = _side_by_side(items, partial(_query, int8), partial(_query, engine), "8-bit and fp32 decoding")
+    rate = _summary(fast)["decode_tokens_per_s"], _summary(full)["decode_tokens_per_s"]
+    return {"n": len(items), "decode_tokens_per_s": rate[0], "decode_tokens_per_s_fp32": rate[1],
+            "speedup": rate[0] / rate[1], "same_text": _mean([a["text"] == b["text"] for a, b in zip(fast, full)])}
 
 
 def _app_streaming(model: str, engine, queries) -> dict:

@@ -54,6 +54,8 @@ def plan_precision(quant: str, device) -> tuple[str, str]:
         raise ValueError(f"unknown --quant {quant!r}; expected one of {QUANTS}")
     if quant == "auto":
         return ("4bit", "") if device.type == "cuda" else ("fp16" if device.type == "mps" else "fp32", "")
+    if quant == "8bit" and device.type == "cpu":  # the project's own int8 decode steps (int8_decode.py)
+        return "8bit", ""
     if quant in ("4bit", "8bit"):
         try:
             import bitsandbytes  # noqa: F401
@@ -61,8 +63,6 @@ def plan_precision(quant: str, device) -> tuple[str, str]:
             return "fp32" if device.type == "cpu" else "fp16", f"{quant} needs bitsandbytes (pip install bitsandbytes)"
         if device.type == "mps":
             return "fp16", f"bitsandbytes has no {quant} kernels for Apple MPS"
-        if quant == "8bit" and device.type == "cpu":
-            return "fp32", "bitsandbytes 8-bit needs CUDA; 4-bit works on CPU"
     if device.type == "cpu" and quant in ("fp16", "bf16"):
         notes = ["fp16 matrix products are slow or missing on CPU"] if quant == "fp16" else []
         if not native_bf16():

@@ -108,7 +108,9 @@ class Text4SegModel(Engine):
     """A loaded Text4Seg checkpoint, ready to answer segmentation questions."""
 
     def __init__(self, model, tokenizer, processor, settings: Settings, name: str = "", quant: str = "fp32",
-                 cache_images: int = 4):
+                 cache_images: int = 4, decode_step=None):
+        """``decode_step``: what feeds tokens after the prompt instead of the model's own forward
+        (:class:`~text4seg_demo.inference.int8_decode.Int8DecodeStep`)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.processor = processor
@@ -121,6 +123,7 @@ class Text4SegModel(Engine):
         self.stats = {"feature_hits": 0, "prefix_hits": 0}
         self.notes: list[str] = []  # what loading had to change (precision fallbacks)
         self.memory_bytes = model.get_memory_footprint()
+        self.decode_step = decode_step
 
     @property
     def device(self) -> torch.device:
@@ -207,6 +210,8 @@ class Text4SegModel(Engine):
     def _forward(self, tokens: list[int], cache, positions: list[int] | None = None) -> torch.Tensor:
         """Feed ``tokens`` after the cache in one pass; the next-token logits after each (n x V).
         ``positions`` overrides the model's own positions for them."""
+        if self.decode_step is not None:
+            return self.decode_step(tokens, cache, positions)
         extra = {} if positions is None else {"position_ids": torch.tensor([positions], device=self.device)}
         out = self.model(input_ids=torch.tensor([tokens], device=self.device), cache=cache, use_cache=True, **extra)
         return out.logits[0].float()

@@ -90,7 +90,8 @@ def load(name: str = DEFAULT_MODEL, quant: str = "auto", device: str | None = No
     notes = [f"--quant {quant}{'' if served == quant else f' served as {served}'}: {note}"] if note else []
     llava = json.loads((directory / "config.json").read_text()).get("model_type") == "llava"
     model_class = _model_class(directory, name, llava)
-    kwargs = _quant_kwargs(served, torch_device)
+    int8_decode = served == "8bit" and torch_device.type == "cpu"  # fp32 weights, int8 copies for decoding
+    kwargs = _quant_kwargs("fp32" if int8_decode else served, torch_device)
     try:
         model = model_class.from_pretrained(directory, **kwargs)
     except (ImportError, RuntimeError, ValueError) as err:
@@ -106,11 +107,22 @@ def load(name: str = DEFAULT_MODEL, quant: str = "auto", device: str | None = No
 
         log(f"merging the adapter {adapter}")
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    decode_step = None
+    if int8_decode:
+        from .int8_decode import Int8DecodeStep
+
+        reason = Int8DecodeStep.unsupported(model)
+        if reason:
+            notes.append(f"8-bit decoding on the CPU is for LLaMA-LLaVA checkpoints, and {reason}; served in fp32")
+            served = "fp32"
+        else:
+            decode_step = Int8DecodeStep(model)
     if llava:
         from transformers import AutoImageProcessor, AutoTokenizer
 
         engine = Text4SegModel(model, AutoTokenizer.from_pretrained(directory),
-                               AutoImageProcessor.from_pretrained(directory), settings, name=name, quant=served)
+                               AutoImageProcessor.from_pretrained(directory), settings, name=name, quant=served,
+                               decode_step=decode_step)
     else:
         from transformers import AutoProcessor
 

@@ -1,0 +1,59 @@
+"""8-bit decode steps on the CPU: the fp32 model's answers, written from a quarter of the bytes."""
+
+import copy
+
+import pytest
+import torch
+from fakes import noise_image, write_tiny_qwen2_vl
+
+from text4seg_demo.evaluation.manifest import read_manifest
+from text4seg_demo.images import prepare
+from text4seg_demo.inference.int8_decode import Int8DecodeStep, Int8Linear
+from text4seg_demo.inference.loading import load
+from text4seg_demo.pipeline import Request, segment
+
+pytestmark = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                                reason="the int8 kernel takes bf16 activations: needs bf16 instructions")
+
+
+@pytest.fixture(scope="module")
+def models():
+    return load("tiny-rrle", log=lambda m: None), load("tiny-rrle", quant="8bit", log=lambda m: None)
+
+
+def test_an_int8_projection_is_within_its_rounding_of_fp32():
+    torch.manual_seed(0)
+    weight, x = torch.randn(96, 64), torch.randn(3, 64)
+    linear = Int8Linear(weight)
+    assert linear.weight.dtype == torch.int8 and linear.weight.shape == weight.shape
+    error = (linear(x.bfloat16()).float() - x @ weight.T).norm() / (x @ weight.T).norm()
+    assert error < 0.02
+
+
+def test_the_bundled_model_writes_its_fp32_answers_on_every_example(models):
+    full, int8 = models
+    assert int8.quant == "8bit" and int8.decode_step is not None and full.decode_step is None
+    for k, query in enumerate(read_manifest("examples/synthetic")):
+        image = prepare(query.image)[0]
+        jump = k % 2 == 1  # every other one through the grammar with jump-forward (several tokens a step)
+        request = Request(expression=query.expression, constrained=jump, jump_forward=jump)
+        assert segment(int8, image, request).text == segment(full, image, request).text, query.expression
+
+
+def test_several_tokens_in_one_step_are_those_tokens_one_by_one(models):
+    _, int8 = models
+    _, cache, _ = int8._prefill(noise_image(2), int8.question("the red circle"), {})
+    together, apart = copy.deepcopy(cache), copy.deepcopy(cache)
+    tokens, positions = [5, 9, 13, 2], [200, 201, 203, 206]  # grid positions skip, as R-RLE's do
+    many = int8.decode_step(tokens, together, positions)
+    one_by_one = torch.cat([int8.decode_step([t], apart, [p]) for t, p in zip(tokens, positions)])
+    # the same sums, grouped differently by the kernel for 4 rows than for 1: equal to bf16's rounding
+    assert torch.equal(many.argmax(-1), one_by_one.argmax(-1)) and (many - one_by_one).abs().max() < 0.1
+    assert together.get_seq_length() == apart.get_seq_length() == cache.get_seq_length() + 4
+
+
+def test_other_architectures_decode_in_fp32_and_say_so(tmp_path):
+    engine = load(str(write_tiny_qwen2_vl(tmp_path / "qwen")), quant="8bit", log=lambda m: None)
+    assert engine.quant == "fp32" and engine.decode_step is None
+    assert any("not a LLaVA with a LLaMA language model" in note for note in engine.notes)
+    assert Int8DecodeStep.unsupported(engine.model) is not None
