@@ -173,7 +173,6 @@ def test_a_model_on_the_hosts_server_is_a_choice_and_other_servers_are_refused(m
     import numpy as np
     from openai_stub import Script, serving
 
-    from text4seg_demo.app.handlers import choose_default
     from text4seg_demo.descriptors import codec
 
     cells = np.zeros((16, 16), int)
@@ -181,9 +180,9 @@ def test_a_model_on_the_hosts_server_is_a_choice_and_other_servers_are_refused(m
     answer = codec.wrap(codec.encode(cells, ["others", "the blue square"], "rrle"), "Sure:")
     with serving(Script("text4seg-llava-7b-p16", answer)) as url:
         monkeypatch.setenv("TEXT4SEG_SERVER", url)
-        name, note = choose_default()
+        public = Demo(None, Limits(public=True))  # starts on the host's served model
+        name, note = public.model_name, public.model_note
         assert name == f"text4seg-llava-7b-p16 @ {url}" and url in note
-        public = Demo(None, Limits(public=True))
         update = list(public.analyse(str(EXAMPLE), "the blue square", name=name, refine="none"))[-1]
         assert update["result"].grid.sum() == 1 and update["result"].model == "text4seg-llava-7b-p16"
         assert public.segment_api(str(EXAMPLE), "the blue square", model=name, refine="none")["quant"] == "server"

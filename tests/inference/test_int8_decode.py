@@ -7,12 +7,13 @@ import torch
 from fakes import noise_image, write_tiny_qwen2_vl
 
 from text4seg_demo.evaluation.manifest import read_manifest
+from text4seg_demo.inference.devices import native_bf16
 from text4seg_demo.images import prepare
 from text4seg_demo.inference.int8_decode import Int8DecodeStep, Int8Linear
 from text4seg_demo.inference.loading import load
 from text4seg_demo.pipeline import Request, segment
 
-pytestmark = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+pytestmark = pytest.mark.skipif(not native_bf16(),
                                 reason="the int8 kernel takes bf16 activations: needs bf16 instructions")
 
 

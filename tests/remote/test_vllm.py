@@ -117,14 +117,14 @@ def test_eval_keeps_requests_in_flight_and_gets_more_done(server, tmp_path, caps
 
 
 def test_the_app_offers_the_served_model_and_answers_on_it(server, monkeypatch):
-    from text4seg_demo.app.handlers import Demo, choose_default
+    from text4seg_demo.app.handlers import Demo
     from text4seg_demo.app.hosting import Limits
 
     url, _ = server
     monkeypatch.setenv("TEXT4SEG_SERVER", url)
-    name, _ = choose_default()
+    demo = Demo(None, Limits(public=True))  # starts on the host's served model
+    name = demo.model_name
     assert name == f"{NAME} @ {url}"
-    demo = Demo(None, Limits(public=True))
     final = list(demo.analyse(str(ROOT / "examples" / "synthetic" / "images" / "000000.png"), "the green square",
                               name=name, constrained=True, refine="grabcut"))[-1]
     result = final["result"]

@@ -92,12 +92,12 @@ class Refiners:
             return self._built[name]
 
 
-def choose_default(requested: str | None = None) -> tuple[str, str]:
-    """The model to start on, and a sentence saying why."""
+def choose_default(requested: str | None = None, served: list[str] = ()) -> tuple[str, str]:
+    """The model to start on, and a sentence saying why. ``served``: the models on the host's
+    servers (``served_choices``), the first of which is the default when nothing is asked for."""
     requested = requested or os.environ.get("TEXT4SEG_MODEL")
     if requested:
         return requested, f"Running **{requested}** (chosen with TEXT4SEG_MODEL or --model)."
-    served = served_choices(servers_from_env())
     if served:
         model, url = parse_choice(served[0])
         return served[0], f"Running **{model}** on the server at {url} (TEXT4SEG_SERVER)."
@@ -255,7 +255,8 @@ class Demo:
 
     def __init__(self, default_model: str | None = None, limits: Limits | None = None, models: Models | None = None):
         self.limits = limits or Limits.from_env()
-        self.model_name, self.model_note = choose_default(default_model)
+        self.served = served_choices(servers_from_env())  # "MODEL @ URL" for each model on TEXT4SEG_SERVER
+        self.model_name, self.model_note = choose_default(default_model, self.served)
         self.models, self.refiners = models or Models(), Refiners()
         try:  # load at start-up (on ZeroGPU too), so the first request does not wait for it
             self.models.get(self.model_name, "auto")

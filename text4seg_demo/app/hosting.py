@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..inference.hub import PRESETS
-from ..inference.remote import CHOICE, _base, parse_choice, servers_from_env
+from ..inference.remote import parse_choice, server_root, servers_from_env
 from ..inference.settings import grid_from_name
 
 # What a Hugging Face Space receives (`hf upload --repo-type space USER/NAME . --include ... --exclude ...`,
@@ -53,8 +53,8 @@ class Limits:
     def model(self, name: str) -> str:
         """``name`` if visitors may use it; a public demo refuses anything else with a message
         (a served model only on a server the host named in TEXT4SEG_SERVER)."""
-        served = parse_choice(name) if CHOICE in name else None
-        hosted = served is not None and served[1] in {_base(url) for url in servers_from_env()}
+        served = parse_choice(name)
+        hosted = served is not None and served[1] in {server_root(url) for url in servers_from_env()}
         if self.public and name not in self.allowed_models and not hosted:
             raise ValueError(f"this public demo serves only {', '.join(self.allowed_models)}; run the project "
                              f"yourself to try {name[:80]!r}")

@@ -12,7 +12,6 @@ from gradio.data_classes import FileData
 from ..evaluation.manifest import read_manifest
 from ..inference.devices import QUANTS
 from ..inference.hub import PRESETS
-from ..inference.remote import served_choices, servers_from_env
 from ..refine import REFINERS
 from .handlers import FORMATS, Demo, UserError, constrained_default
 from .hosting import Limits, gpu_seconds
@@ -39,7 +38,7 @@ def build_demo(default_model: str | None = None, public: bool = False) -> gr.Blo
     """The page on ``default_model``; ``public`` (or a Space) limits what visitors may ask for."""
     limits = Limits.from_env(public)
     demo_state = Demo(default_model, limits)
-    served = served_choices(servers_from_env())  # "MODEL @ URL" for each model on TEXT4SEG_SERVER
+    served = demo_state.served
     models = [*limits.allowed_models, *served] if limits.public else [demo_state.model_name, *PRESETS, *served]
 
     with gr.Blocks(title="Text4Seg demo", delete_cache=(600, 900)) as demo:
@@ -114,7 +113,7 @@ def build_demo(default_model: str | None = None, public: bool = False) -> gr.Blo
                 side = update["compare"]
                 out[compare_box] = gr.update(visible=side is not None)
                 if side is not None:
-                    top = lambda column: [0, max(1.0, float(side["table"][column].max()) * 1.15)]
+                    top = lambda column: [0, max(1.0, float(side["table"][column].max()) * 1.15)]  # noqa: E731
                     out.update({compare_grid: side["grid"], compare_note: side["note"], compare_table: side["table"],
                                 tokens_chart: gr.update(value=side["table"], y_lim=top("tokens")),
                                 time_chart: gr.update(value=side["table"], y_lim=top("decode ms"))})

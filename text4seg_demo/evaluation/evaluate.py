@@ -242,11 +242,10 @@ def _in_flight(engines: list[Engine], refiner, concurrency: int, jobs: list[tupl
                grid: int):
     """Rows of ``jobs`` as they come, ``concurrency`` requests in flight, the k-th job on engine k
     modulo their number (servers batch what is in flight); refinement runs one at a time."""
-    lock = threading.Lock()
+    shared = _Serialised(refiner, threading.Lock()) if refiner else None
 
     def run(k: int, index: int, query: Query) -> dict:
-        return score(engines[k % len(engines)], _Serialised(refiner, lock) if refiner else None, query, index,
-                     constrained, grid)
+        return score(engines[k % len(engines)], shared, query, index, constrained, grid)
 
     with ThreadPoolExecutor(concurrency) as pool:
         futures = [pool.submit(run, k, index, query) for k, (index, query) in enumerate(jobs)]

@@ -134,7 +134,7 @@ class Text4SegModel(Engine):
     def _prompt_ids(self, question: str) -> tuple[list[int], list[int]]:
         text = prompts.prompt(question, self.settings.prompt_style)
         before, after = text.split(prompts.IMAGE)
-        encode = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]
+        encode = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
         bos = [self.tokenizer.bos_token_id] if self._wants_bos() else []
         return bos + encode(before), encode(after)
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import native_bf16
+
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -69,7 +71,7 @@ class Int8DecodeStep:
         if not all(type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
                    for m in [*linears, model.lm_head]):
             return "its weights are not plain fp32 tensors on the CPU"
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if not native_bf16():
             return "this CPU has no bf16 instructions for the int8 kernel"
         return None
 

@@ -12,6 +12,7 @@ stream's rate; token counts come from the server's usage fields, and descriptor 
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import os
 import threading
@@ -47,7 +48,7 @@ def parse_choice(name: str) -> tuple[str, str] | None:
     if CHOICE not in name:
         return None
     model, url = name.rsplit(CHOICE, 1)
-    return model.strip(), _base(url)
+    return model.strip(), server_root(url)
 
 
 def served_choices(urls: list[str], log=print) -> list[str]:
@@ -56,13 +57,13 @@ def served_choices(urls: list[str], log=print) -> list[str]:
     choices = []
     for url in urls:
         try:
-            choices += [f"{model}{CHOICE}{_base(url)}" for model in served_models(url, timeout_s=10)]
+            choices += [f"{model}{CHOICE}{server_root(url)}" for model in served_models(url, timeout_s=10)]
         except RemoteError as err:
             log(f"left out: {err}")
     return choices
 
 
-def _base(url: str) -> str:
+def server_root(url: str) -> str:
     """The server's root URL: ``http://host:8000`` for ``http://host:8000/v1/`` as for itself."""
     url = url.strip().rstrip("/")
     if not url.startswith(("http://", "https://")):
@@ -83,24 +84,23 @@ class RemoteModel(Engine):
 
     def __init__(self, url: str, model: str | None = None, grid: int | None = None, fmt: str | None = None,
                  timeout_s: float = TIMEOUT_S):
-        self.url, self.timeout_s = _base(url), timeout_s
+        self.url, self.timeout_s = server_root(url), timeout_s
         self.client = _client(self.url, timeout_s)
-        self.served = served = served_models(self.url, timeout_s)
+        served = served_models(self.url, timeout_s)
         if model is None:
             if len(served) != 1:
                 raise RemoteError(f"the server at {self.url} serves {len(served)} models ({', '.join(served)}): "
                                   "choose one with --model")
-            model = next(iter(served))
+            model = served[0]
         elif model not in served:
             raise RemoteError(f"the server at {self.url} serves {', '.join(served)}, not {model!r}: pass "
-                              f"--model {next(iter(served))}, or point --server at a server of {model!r}")
+                              f"--model {served[0]}, or point --server at a server of {model!r}")
         self.name = model
-        self.max_model_len = served[model]
         name = model.rstrip("/").rsplit("/", 1)[-1]
         self.settings = Settings(grid or grid_from_name(name) or 16, fmt or ("full" if "full" in name else "rrle"),
                                  "chat")
         self.notes: list[str] = []
-        self._counts: dict[str, int] = {}
+        self._cached_count = functools.lru_cache(maxsize=4096)(self._count)  # a budget asks the same texts often
         self._fallback = None  # a local tokenizer, when the server cannot count tokens
         self._lock = threading.Lock()
 
@@ -176,9 +176,7 @@ class RemoteModel(Engine):
 
     def count_tokens(self, text: str) -> int:
         """Tokens ``text`` costs under the served model's tokenizer (no special tokens)."""
-        if text not in self._counts:
-            self._counts[text] = self._count(text)
-        return self._counts[text]
+        return self._cached_count(text)
 
     def _count(self, text: str) -> int:
         import httpx
@@ -210,16 +208,16 @@ def _client(url: str, timeout_s: float):
                          max_retries=0)
 
 
-def served_models(url: str, timeout_s: float = TIMEOUT_S) -> dict[str, int | None]:
-    """The models the server at ``url`` serves, with their context lengths (vLLM's ``max_model_len``)."""
-    url = _base(url)
+def served_models(url: str, timeout_s: float = TIMEOUT_S) -> list[str]:
+    """The ids of the models the server at ``url`` serves."""
+    url = server_root(url)
     try:
         models = _client(url, timeout_s).models.list().data
     except Exception as err:  # noqa: BLE001 - every failure here means the same to the user
         raise RemoteError(_unreachable(url, timeout_s, err)) from None
     if not models:
         raise RemoteError(f"the server at {url} serves no model")
-    return {m.id: getattr(m, "max_model_len", None) for m in models}
+    return [m.id for m in models]
 
 
 def _unreachable(url: str, timeout_s: float, err: Exception) -> str:
