@@ -106,6 +106,10 @@ def test_bench_sets_the_bundled_models_side_by_side(tmp_path, monkeypatch):
     streaming = report["app_streaming"]  # the page's run and an unstreamed one write the same answer
     assert streaming["n"] == 2 and streaming["same_text"] == 1.0
     assert streaming["overhead"] == streaming["mean_decode_s_streamed"] / streaming["mean_decode_s"]
+    compare = report["app_compare"]  # the page's Compare both on the same queries, by the partner model
+    assert compare["n"] == 2 and compare["sources"] == ["written by tiny-full"]
+    assert compare["ratio"] == compare["decode_speedup_app"] / compare["decode_speedup_bench"]
+    assert compare["decode_speedup_app"] > 1.5  # the full-length side writes about four times the tokens
     int8 = report["int8_decode"]  # 8-bit decode steps against fp32 on the same queries, taking turns
     if int8 is not None:  # a CPU with bf16 instructions
         assert int8["n"] == 2 and int8["speedup"] == int8["decode_tokens_per_s"] / int8["decode_tokens_per_s_fp32"]

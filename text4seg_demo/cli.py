@@ -216,7 +216,7 @@ def cmd_train_tiny(args) -> int:
                       freeze_tower=args.freeze_tower, label_tokens=args.label_tokens,
                       image_attention=args.image_attention, contrast=args.contrast,
                       colour_rivals=args.colour_rivals, focus=args.focus, focus_share=args.focus_share,
-                      bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
+                      warm_heads=args.warm_heads, bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
     path = train(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"model written to {path}", file=sys.stderr)
     return 0
@@ -288,7 +288,7 @@ def cmd_bench(args) -> int:
     from .evaluation.bench import bench
 
     report = bench(args.data, args.rrle_model, args.full_model, limit=args.limit,
-                   log=lambda m: print(m, file=sys.stderr))
+                   log=lambda m: print(m, file=sys.stderr), browser=args.browser)
     _emit(report, args.json)
     return 0
 
@@ -425,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--focus-share", type=_share, default=0.4, help="share of scenes made for --focus (default 0.4)")
     tt.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                     help="auto: bf16 autocast where the CPU has bf16 instructions, else fp32")
+    tt.add_argument("--warm-heads", type=int, default=0, metavar="STEPS",
+                    help="first steps that train only the training heads: for --init from a saved model, whose "
+                         "heads start afresh (default 0)")
     tt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     tt.add_argument("--init", type=Path, help="start from another run's checkpoint: a tower stage, or a LLaVA stage (e.g. R-RLE after full-length)")
     tt.add_argument("--freeze-tower", action="store_true",
@@ -488,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--full-model", default="tiny-full")
     be.add_argument("--limit", type=int, default=100, help="queries to run (default 100)")
     be.add_argument("--json", type=Path)
+    be.add_argument("--browser", action="store_true",
+                    help="also time the page's streamed answers in Chromium against the segment API (Playwright)")
     be.set_defaults(func=cmd_bench)
 
     conv = commands.add_parser("convert-llava", help="convert an original-LLaVA checkpoint to transformers' layout")

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from text4seg_demo.inference import devices
 from text4seg_demo.inference.devices import plan_precision
@@ -25,3 +26,31 @@ def test_precision_fallbacks_explain_themselves(monkeypatch):
     assert plan_precision("4bit", cpu) == ("fp32", "4bit needs bitsandbytes (pip install bitsandbytes)")
     with pytest.raises(ValueError, match="unknown --quant"):
         plan_precision("int3", cpu)
+
+
+def test_small_models_decode_on_one_thread_and_leave_the_setting_as_it_was(monkeypatch):
+    from text4seg_demo import load
+
+    model = load("tiny-rrle")
+    assert model.decode_threads == 1  # 256-wide projections: a second thread only waits
+    big = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 1025))
+    assert devices.decode_threads(big) is None  # a product over 2^20 weights keeps torch's setting
+
+    seen = []
+    forward = model.model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(("step" if "input_ids" in kwargs else "prompt", torch.get_num_threads()))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.model, "forward", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model.generate(Image.new("RGB", (64, 64), "red"), model.question("the red square"), ["the red square"],
+                       max_new_tokens=5)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert {threads for kind, threads in seen if kind == "step"} == {1}
+    assert {threads for kind, threads in seen if kind == "prompt"} == {2}  # the prompt's wide products use both

@@ -178,3 +178,24 @@ def test_the_tower_probe_reads_what_the_features_hold():
     for name in ("colour", "shape"):
         assert blind[f"tower_{name}_accuracy"] <= blind[f"tower_{name}_commonest"] + 1e-6
     assert trained["tower_colour_accuracy"] > trained["tower_colour_commonest"] + 0.5
+
+
+@pytest.mark.slow
+def test_warm_heads_steps_train_only_the_fresh_heads_then_everything(tmp_path):
+    tokenizer = tiny.build_tokenizer(tiny.training_corpus(), label_tokens="words")
+    tiny.save_pretrained(tiny.build_model(tokenizer, text_layers=2, seed=3), tokenizer, tmp_path / "saved", {})
+    cfg = train.TrainConfig(out=str(tmp_path / "run"), init=str(tmp_path / "saved"), text_layers=2, batch=2,
+                            steps=2, warm_heads=2, eval_queries=0, lr=1e-3, warmup=1)
+    train.train(cfg, log=lambda m: None)
+    saved = LlavaForConditionalGeneration.from_pretrained(tmp_path / "saved", dtype=torch.float32).state_dict()
+
+    def state():
+        return torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+
+    after_warm = state()
+    assert after_warm["step"] == 2
+    assert all(torch.equal(after_warm["model"][k], saved[k]) for k in saved)  # the model stood still
+    fresh = train.AuxHeads(256, 16).state_dict()
+    assert not all(torch.equal(after_warm["heads"][k], fresh[k]) for k in fresh)  # the heads learnt
+    train.train(train.TrainConfig(out=cfg.out, steps=3), resume=True, log=lambda m: None)
+    assert not all(torch.equal(state()["model"][k], saved[k]) for k in saved)  # then everything moves

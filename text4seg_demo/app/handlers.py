@@ -190,13 +190,17 @@ def _sweep(root: Path, age_s: float = 900) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
-def decoupled(stream: Iterator, every_s: float = 0.1) -> Iterator:
-    """``stream`` run in a worker thread at full speed, seen through what the page can show: the
-    latest event at most every ``every_s`` seconds or when a row completes, and the final item.
-    The model never waits for the page, so its timings are the model's alone. An exception in
-    the stream is raised here."""
-    items: queue.Queue = queue.Queue()
-    end = object()
+REFRESH_S = 0.25  # how often the page shows a streaming answer's latest state
+
+
+def decoupled(stream: Iterator, every_s: float = REFRESH_S) -> Iterator:
+    """``stream`` run in a worker thread at full speed, seen as the page can show it: every
+    ``every_s`` seconds its newest streamed event (older ones are skipped), and what else it
+    yields (its result) in order, as soon as it ends. The page's work stays out of the model's
+    time: nothing waits for the page, and the page wakes a few times a second rather than once
+    per token. An exception in the stream is raised here."""
+    items: queue.SimpleQueue = queue.SimpleQueue()
+    ended = threading.Event()
 
     def work():
         try:
@@ -204,29 +208,25 @@ def decoupled(stream: Iterator, every_s: float = 0.1) -> Iterator:
                 items.put(item)
         except BaseException as err:  # handed to the consumer, which raises it
             items.put(err)
-        items.put(end)
+        finally:
+            ended.set()
+
+    def partial(item) -> bool:
+        return isinstance(item, StreamEvent) and not item.done
 
     threading.Thread(target=work, daemon=True).start()
-    shown_at, rows = 0.0, -1
     while True:
-        batch = [items.get()]
+        finished = ended.wait(every_s)  # once set, everything the stream made is in the queue
+        batch = []
         while not items.empty():
             batch.append(items.get_nowait())
         for item in batch:
             if isinstance(item, BaseException):
                 raise item
-        done = batch[-1] is end
-        latest = [item for item in batch if item is not end]
-        if not latest:
-            return
-        newest = latest[-1]
-        row_done = isinstance(newest, StreamEvent) and len(newest.rows) != rows
-        if done or row_done or not isinstance(newest, StreamEvent) or time.monotonic() - shown_at >= every_s:
-            if isinstance(newest, StreamEvent):
-                rows = len(newest.rows)
-            shown_at = time.monotonic()
-            yield newest
-        if done:
+        yield from (item for item in batch if not partial(item))
+        if batch and partial(batch[-1]):
+            yield batch[-1]
+        if finished:
             return
 
 
@@ -264,6 +264,7 @@ class Demo:
             self.model_note += (f"\n\n⚠️ {self.model_name} could not be loaded: {err}. "
                                 "Pick another model under *Advanced*.")
         self.scratch = Path(tempfile.mkdtemp(prefix="text4seg-results-"))
+        self.refresh_s = REFRESH_S  # the page's refresh interval while an answer streams
         self._comparisons, self._warmed = 0, weakref.WeakSet()  # Compare both: whose turn goes first; warmed models
 
     def request(self, expression: str | None, mode: str, classes: str | None, fmt: str | None, grid, constrained,
@@ -335,7 +336,7 @@ class Demo:
         labels = [codec.OTHERS, *request.labels()]
         size = request.grid or engine.settings.grid
         try:
-            for item in decoupled(segment_stream(engine, image, request, refiner)):
+            for item in decoupled(segment_stream(engine, image, request, refiner), self.refresh_s):
                 if isinstance(item, StreamEvent) and not item.done:
                     update = {"answer": render.highlight(item.text, labels)}
                     if len(item.rows) != rows_shown:  # redraw the grid only when a row completes

@@ -51,9 +51,10 @@ def build_demo(default_model: str | None = None, public: bool = False) -> gr.Blo
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=300):
                 image_in = gr.Image(label="Image", type="filepath", image_mode=None,
-                                    sources=["upload", "clipboard", "webcam"], height=300)
+                                    sources=["upload", "clipboard", "webcam"], height=300, elem_id="image")
                 mode = gr.Radio(["Referring", "Multi-class"], value="Referring", label="Question")
-                expression = gr.Textbox(label="Referring expression", placeholder="e.g. the red circle", max_lines=1)
+                expression = gr.Textbox(label="Referring expression", placeholder="e.g. the red circle", max_lines=1,
+                                        elem_id="expression")
                 classes = gr.Textbox(label="Classes (multi-class mode)", placeholder="cat, grass, sky", visible=False)
                 constrained = gr.Checkbox(value=constrained_default(demo_state.model_name),
                                           label="Grammar-constrained decoding (always well formed; untick to see "
@@ -177,8 +178,9 @@ def build_demo(default_model: str | None = None, public: bool = False) -> gr.Blo
                     [classes, expression], api_visibility="private")
         model_in.change(lambda m: gr.update(value=constrained_default(m)), model_in, constrained,
                         api_visibility="private")
-        run.click(analyse, inputs, outputs, api_visibility="private", time_limit=limits.time_limit_s)
-        expression.submit(analyse, inputs, outputs, api_visibility="private", time_limit=limits.time_limit_s)
+        for trigger in (run.click, expression.submit):  # a small progress timer: the page's drawing costs the model
+            trigger(analyse, inputs, outputs, api_visibility="private", time_limit=limits.time_limit_s,
+                    show_progress="minimal")
         gr.api(on_gpu(segment, lambda image, expression, classes="", fmt="", constrained=None, refine="auto",
                       points=10, seed=0, max_new_tokens=0, model="", quant="auto":
                       gpu_seconds(model or demo_state.model_name, fmt or "rrle", None, max_new_tokens)),

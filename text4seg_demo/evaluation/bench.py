@@ -60,7 +60,7 @@ def _summary(rows) -> dict:
 
 
 def bench(data: str, rrle_model: str = "tiny-rrle", full_model: str = "tiny-full", limit: int | None = 100,
-          log=print) -> dict:
+          log=print, browser: bool = False) -> dict:
     from ..inference.loading import load
 
     queries = read_manifest(data, limit)
@@ -88,8 +88,14 @@ def bench(data: str, rrle_model: str = "tiny-rrle", full_model: str = "tiny-full
                          for fmt, engine in (("rrle", rrle), ("full", full))},
         "jump_forward_llama": {grid: _canonical_jump_forward(queries, llama, grid) for grid in (16, 24)},
         "app_streaming": _app_streaming(rrle_model, rrle, queries[: min(20, len(queries))]),
+        "app_compare": _app_compare((rrle_model, rrle), (full_model, full), queries[: min(20, len(queries))],
+                                    rrle_rows, full_rows),
         "int8_decode": _int8_decode(rrle_model, rrle, items[: min(40, len(items))], log),
     }
+    if browser:
+        from .browser import page_streaming
+
+        out["page_streaming"] = page_streaming(rrle_model, queries[: min(10, len(queries))])
     return out
 
 
@@ -213,6 +219,21 @@ def _app_streaming(model: str, engine, queries) -> dict:
             "mean_decode_s": _mean([r["decode_s"] for r in unstreamed]),
             "overhead": _mean([r["decode_s"] for r in streamed]) / _mean([r["decode_s"] for r in unstreamed]),
             "same_text": _mean([a["text"] == b["text"] for a, b in zip(streamed, unstreamed)])}
+
+
+def _app_compare(rrle: tuple, full: tuple, queries, rrle_rows, full_rows) -> dict:
+    """*Compare both* through the app's ``compare`` API on the first queries against this bench's
+    own decode speed-up on the same queries: the page's ratio should be the bench's."""
+    from ..app.handlers import Demo, Models
+
+    demo = Demo(rrle[0], models=Models(loaded={(rrle[0], "auto"): rrle[1], (full[0], "auto"): full[1]}))
+    records = [demo.compare_api(str(q.image), q.expression) for q in tqdm(queries, desc="the app's compare",
+                                                                            unit="query", leave=False)]
+    app = _mean([r["full"]["decode_s"] for r in records]) / _mean([r["rrle"]["decode_s"] for r in records])
+    n = len(records)
+    own = _mean([r["decode_s"] for r in full_rows[:n]]) / _mean([r["decode_s"] for r in rrle_rows[:n]])
+    return {"n": n, "decode_speedup_app": app, "decode_speedup_bench": own, "ratio": app / own,
+            "sources": sorted({r["full"]["source"] for r in records})}
 
 
 def _canonical_jump_forward(queries, tokenizer, grid: int) -> dict:

@@ -26,6 +26,7 @@ from ..caching import LRUCache, image_key
 from ..descriptors import codec, prompts
 from ..descriptors.grammar import GrammarConstraint, ebnf, grammar_char_budget
 from .attention import image_block_mask
+from .devices import decode_threads, intra_op_threads
 from .positions import AnswerPositions
 from .settings import Settings
 from .tokens import IncrementalDecoder, continuation_tokens, count_tokens
@@ -124,6 +125,7 @@ class Text4SegModel(Engine):
         self.notes: list[str] = []  # what loading had to change (precision fallbacks)
         self.memory_bytes = model.get_memory_footprint()
         self.decode_step = decode_step
+        self.decode_threads = decode_threads(model) if self.device.type == "cpu" else None
 
     @property
     def device(self) -> torch.device:
@@ -210,11 +212,13 @@ class Text4SegModel(Engine):
     def _forward(self, tokens: list[int], cache, positions: list[int] | None = None) -> torch.Tensor:
         """Feed ``tokens`` after the cache in one pass; the next-token logits after each (n x V).
         ``positions`` overrides the model's own positions for them."""
-        if self.decode_step is not None:
-            return self.decode_step(tokens, cache, positions)
-        extra = {} if positions is None else {"position_ids": torch.tensor([positions], device=self.device)}
-        out = self.model(input_ids=torch.tensor([tokens], device=self.device), cache=cache, use_cache=True, **extra)
-        return out.logits[0].float()
+        with intra_op_threads(self.decode_threads):
+            if self.decode_step is not None:
+                return self.decode_step(tokens, cache, positions)
+            extra = {} if positions is None else {"position_ids": torch.tensor([positions], device=self.device)}
+            out = self.model(input_ids=torch.tensor([tokens], device=self.device), cache=cache, use_cache=True,
+                             **extra)
+            return out.logits[0].float()
 
     def _choose(self, logits: torch.Tensor, constraint) -> int:
         """The greedy token of one row of logits (1 x V), never the image token, inside the grammar."""

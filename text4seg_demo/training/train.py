@@ -74,6 +74,7 @@ class TrainConfig:
     colour_rivals: bool = True  # colour-and-shape and absent queries that the shape kind alone cannot answer
     focus: str | None = "side,size"  # query kinds (synth.KINDS, comma-separated) drawn more often than the rest
     focus_share: float = 0.4  # the share of scenes made for ``focus``; the rest draw a kind uniformly
+    warm_heads: int = 0  # first steps that move only the training heads (see train)
 
 
 class AuxHeads(nn.Module):
@@ -316,8 +317,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     model.to(device)
     heads.to(device)
     model.model.vision_tower.requires_grad_(not cfg.freeze_tower)
-    params = [p for p in [*model.parameters(), *heads.parameters()] if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    groups = [[p for p in module.parameters() if p.requires_grad] for module in (model, heads)]
+    params = [*groups[0], *groups[1]]
+    opt = torch.optim.AdamW([{"params": group} for group in groups], lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
     if state is not None:
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
@@ -343,8 +345,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
 
     for batch in run.batches(make, cfg.seed, cfg.steps, cfg.workers, budget, cfg.eval_every_min, checkpoint):
         batch = {key: value.to(device) for key, value in batch.items()}
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * cosine(run.step, cfg.warmup, est_total)
+        lr = cfg.lr * cosine(run.step, cfg.warmup, est_total)
+        # a trained model with fresh heads: while the heads learn to read it, their gradients would
+        # rewrite it, so for ``warm_heads`` steps the model stands still (its optimiser statistics fill)
+        opt.param_groups[0]["lr"] = lr if run.step >= cfg.warm_heads else 0.0
+        opt.param_groups[1]["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             lm, patch, row = losses(model, heads, batch, cfg.grid, cfg.image_attention)
         loss = lm + cfg.patch_weight * patch + cfg.row_weight * row
