@@ -81,7 +81,7 @@ def decode_threads(model) -> int | None:
     256-wide models), else None (torch's setting). A matrix-vector product that small is done
     before a second thread is worth waking, and a second thread that waits for a busy core (the
     browser, the web server, another job) stalls every step: on a 2-core CPU the bundled model
-    decodes about as fast on one thread as on two when idle, and 25x faster beside one busy core."""
+    decodes about as fast on one thread as on two when idle, and many times faster beside a busy core."""
     import torch
 
     text = model.get_decoder() if hasattr(model, "get_decoder") else model
