@@ -161,3 +161,15 @@ def test_browser_runs_an_example_and_renders_everything(server, tmp_path):
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert shot.stat().st_size > 20_000
+
+
+@pytest.mark.browser
+def test_the_browser_bench_reads_each_answers_decode_time_off_the_page():
+    pytest.importorskip("playwright.sync_api")
+    from text4seg_demo.evaluation.browser import page_streaming
+    from text4seg_demo.evaluation.manifest import read_manifest
+
+    queries = read_manifest(ROOT / "examples" / "synthetic", limit=2)
+    report = page_streaming("tiny-rrle", queries)
+    assert report["n"] == 2 and report["mean_decode_s_streamed"] > 0 and report["mean_decode_s"] > 0
+    assert report["overhead"] == pytest.approx(report["mean_decode_s_streamed"] / report["mean_decode_s"])
