@@ -36,11 +36,11 @@ def test_a_model_cards_command_line_gives_back_its_stage():
 
     cfg = train.TrainConfig(out="RUN", lr=2.5e-4, positions="grid", freeze_tower=True, label_tokens="words",
                             image_attention="bidirectional", contrast=True, colour_rivals=True, focus="side",
-                            focus_share=0.3)
+                            focus_share=0.3, warm_heads=300)
     args = build_parser().parse_args(["train-tiny", "--out", "RUN", *tiny.stage_flags(asdict(cfg)).split()])
     assert (args.lr, args.positions, args.freeze_tower, args.label_tokens, args.image_attention, args.contrast,
-            args.colour_rivals, args.focus, args.focus_share) == (2.5e-4, "grid", True, "words", "bidirectional",
-                                                                  True, True, "side", 0.3)
+            args.colour_rivals, args.focus, args.focus_share, args.warm_heads) == (
+        2.5e-4, "grid", True, "words", "bidirectional", True, True, "side", 0.3, 300)
 
 
 @pytest.mark.slow

@@ -158,6 +158,8 @@ def stage_flags(t: dict) -> str:
     flags += [("--" if t.get(key) else "--no-") + flag for flag, key in (("contrast", "contrast"),
                                                                          ("colour-rivals", "colour_rivals"))]
     flags.append(f"--focus {t['focus']} --focus-share {t['focus_share']}" if t.get("focus") else "--focus none")
+    if t.get("warm_heads"):
+        flags.append(f"--warm-heads {t['warm_heads']}")
     return " ".join(flags)
 
 
