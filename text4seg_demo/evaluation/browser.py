@@ -65,12 +65,12 @@ def page_streaming(model: str, queries: list[Query]) -> dict:
                                         api_name="/segment")
                 return result["timings"]["decode"]
 
-            on_page(queries[0]), by_api(queries[0])  # warm-up: the page, the server and the model
+            on_page(queries[0])  # warm-up: the page, the server and the model
+            by_api(queries[0])
+            turns = ((on_page, streamed), (by_api, unstreamed))
             for i, query in enumerate(tqdm(queries, desc="page and API", unit="query", leave=False)):
-                if i % 2 == 0:
-                    streamed.append(on_page(query)), unstreamed.append(by_api(query))
-                else:
-                    unstreamed.append(by_api(query)), streamed.append(on_page(query))
+                for measure, out in turns if i % 2 == 0 else turns[::-1]:
+                    out.append(measure(query))
             browser.close()
     finally:
         demo.close()
