@@ -8,8 +8,6 @@ import re
 import shutil
 import socket
 
-from tqdm import tqdm
-
 from .manifest import Query
 
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
@@ -39,19 +37,19 @@ def page_streaming(model: str, queries: list[Query]) -> dict:
         raise RuntimeError("--browser needs Playwright and gradio_client (pip install -r requirements-test.txt)") \
             from err
     from ..app import layout
+    from .bench import _side_by_side
 
     demo = layout.build_demo(model)
     port = _free_port()
     layout.launch(demo, mcp=False, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     url = f"http://127.0.0.1:{port}/"
     client = Client(url, verbose=False)
-    streamed, unstreamed = [], []
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox", "--disable-gpu"])
             page = browser.new_page(viewport={"width": 1500, "height": 1000})
 
-            def on_page(query: Query) -> float:
+            def on_page(_, query: Query) -> float:
                 page.goto(url, wait_until="networkidle")  # a fresh page: its figures are this run's
                 page.locator("#image input[type=file]").set_input_files(str(query.image))
                 page.locator("#expression textarea, #expression input").first.fill(query.expression)
@@ -60,17 +58,14 @@ def page_streaming(model: str, queries: list[Query]) -> dict:
                 metrics.get_by_text("generated tokens").wait_for(timeout=300_000)
                 return float(re.search(r"decode\s+([\d.]+) s", metrics.inner_text()).group(1))
 
-            def by_api(query: Query) -> float:
+            def by_api(_, query: Query) -> float:
                 result = client.predict(handle_file(str(query.image)), query.expression, refine="none",
                                         api_name="/segment")
                 return result["timings"]["decode"]
 
-            on_page(queries[0])  # warm-up: the page, the server and the model
-            by_api(queries[0])
-            turns = ((on_page, streamed), (by_api, unstreamed))
-            for i, query in enumerate(tqdm(queries, desc="page and API", unit="query", leave=False)):
-                for measure, out in turns if i % 2 == 0 else turns[::-1]:
-                    out.append(measure(query))
+            on_page(None, queries[0])  # warm-up: the page, the server and the model
+            by_api(None, queries[0])
+            streamed, unstreamed = _side_by_side([(None, q) for q in queries], on_page, by_api, "page and API")
             browser.close()
     finally:
         demo.close()
