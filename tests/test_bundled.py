@@ -110,6 +110,9 @@ def test_bench_sets_the_bundled_models_side_by_side(tmp_path, monkeypatch):
     assert compare["n"] == 2 and compare["sources"] == ["written by tiny-full"]
     assert compare["ratio"] == compare["decode_speedup_app"] / compare["decode_speedup_bench"]
     assert compare["decode_speedup_app"] > 1.5  # the full-length side writes about four times the tokens
+    own = report["decode_step"]  # the CPU's default fp32 decode steps against transformers' forward
+    assert own["n"] == 2 and own["same_text"] == 1.0
+    assert own["speedup"] == own["decode_tokens_per_s"] / own["decode_tokens_per_s_transformers"]
     int8 = report["int8_decode"]  # 8-bit decode steps against fp32 on the same queries, taking turns
     if int8 is not None:  # a CPU with bf16 instructions
         assert int8["n"] == 2 and int8["speedup"] == int8["decode_tokens_per_s"] / int8["decode_tokens_per_s_fp32"]

@@ -14,7 +14,7 @@ def test_precision_fallbacks_explain_themselves(monkeypatch):
     cpu, mps = torch.device("cpu"), torch.device("mps")
     assert plan_precision("auto", cpu) == ("fp32", "")
     assert plan_precision("auto", torch.device("cuda")) == ("4bit", "")
-    assert plan_precision("8bit", cpu) == ("8bit", "")  # the int8 decode steps (test_int8_decode.py)
+    assert plan_precision("8bit", cpu) == ("8bit", "")  # the int8 decode steps (test_decode_step.py)
     assert plan_precision("4bit", mps) == ("fp16", "bitsandbytes has no 4bit kernels for Apple MPS")
     monkeypatch.setattr(devices, "native_bf16", lambda: True)
     assert plan_precision("fp16", cpu) == ("bf16", "fp16 matrix products are slow or missing on CPU")
@@ -37,13 +37,18 @@ def test_small_models_decode_on_one_thread_and_leave_the_setting_as_it_was(monke
     assert devices.decode_threads(big) is None  # a product over 2^20 weights keeps torch's setting
 
     seen = []
-    forward = model.model.forward
+    forward, step = model.model.forward, model.decode_step
 
-    def spy(*args, **kwargs):
-        seen.append(("step" if "input_ids" in kwargs else "prompt", torch.get_num_threads()))
+    def spy_forward(*args, **kwargs):  # transformers' forward: the prompt
+        seen.append(("prompt", torch.get_num_threads()))
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(model.model, "forward", spy)
+    def spy_step(*args):
+        seen.append(("step", torch.get_num_threads()))
+        return step(*args)
+
+    monkeypatch.setattr(model.model, "forward", spy_forward)
+    monkeypatch.setattr(model, "decode_step", spy_step)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -9,6 +9,7 @@ tokenizer) and of the models' own answers (under LLaMA's).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from functools import partial
 
@@ -90,6 +91,7 @@ def bench(data: str, rrle_model: str = "tiny-rrle", full_model: str = "tiny-full
         "app_streaming": _app_streaming(rrle_model, rrle, queries[: min(20, len(queries))]),
         "app_compare": _app_compare((rrle_model, rrle), (full_model, full), queries[: min(20, len(queries))],
                                     rrle_rows, full_rows),
+        "decode_step": _decode_step(rrle, items[: min(20, len(items))]),
         "int8_decode": _int8_decode(rrle_model, rrle, items[: min(40, len(items))], log),
     }
     if browser:
@@ -177,6 +179,22 @@ def _jump_forward(engine, items) -> dict:
             "steps_ratio": _mean([r["decode_steps"] for r in plain]) / _mean([r["decode_steps"] for r in jumped]),
             "decode_speedup": _mean([r["decode_s"] for r in plain]) / _mean([r["decode_s"] for r in jumped]),
             "same_text": _mean([a["text"] == b["text"] for a, b in zip(jumped, plain)])}
+
+
+def _decode_step(engine, items) -> dict | None:
+    """The project's fp32 decode steps (:mod:`~text4seg_demo.inference.decode_step`, the CPU's
+    default) against transformers' own forward on the same weights, taking turns: decode tokens a
+    second and how many answers come out the same (all of them: the logits are the same). None
+    where the engine decodes through transformers anyway."""
+    if engine.decode_step is None or engine.decode_step.weights != "fp32":
+        return None
+    plain = copy.copy(engine)  # the same model and caches, decoding through transformers' forward
+    plain.decode_step = None
+    ours, theirs = _side_by_side(items, partial(_query, engine), partial(_query, plain),
+                                 "own and transformers' decode steps")
+    rate = _summary(ours)["decode_tokens_per_s"], _summary(theirs)["decode_tokens_per_s"]
+    return {"n": len(items), "decode_tokens_per_s": rate[0], "decode_tokens_per_s_transformers": rate[1],
+            "speedup": rate[0] / rate[1], "same_text": _mean([a["text"] == b["text"] for a, b in zip(ours, theirs)])}
 
 
 def _int8_decode(model: str, engine, items, log) -> dict | None:

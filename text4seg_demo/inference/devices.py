@@ -57,7 +57,7 @@ def plan_precision(quant: str, device) -> tuple[str, str]:
         raise ValueError(f"unknown --quant {quant!r}; expected one of {QUANTS}")
     if quant == "auto":
         return ("4bit", "") if device.type == "cuda" else ("fp16" if device.type == "mps" else "fp32", "")
-    if quant == "8bit" and device.type == "cpu":  # the project's own int8 decode steps (int8_decode.py)
+    if quant == "8bit" and device.type == "cpu":  # the project's own int8 decode steps (decode_step.py)
         return "8bit", ""
     if quant in ("4bit", "8bit"):
         try:

@@ -111,7 +111,7 @@ class Text4SegModel(Engine):
     def __init__(self, model, tokenizer, processor, settings: Settings, name: str = "", quant: str = "fp32",
                  cache_images: int = 4, decode_step=None):
         """``decode_step``: what feeds tokens after the prompt instead of the model's own forward
-        (:class:`~text4seg_demo.inference.int8_decode.Int8DecodeStep`)."""
+        (:class:`~text4seg_demo.inference.decode_step.DecodeStep`)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.processor = processor

@@ -108,15 +108,16 @@ def load(name: str = DEFAULT_MODEL, quant: str = "auto", device: str | None = No
         log(f"merging the adapter {adapter}")
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     decode_step = None
-    if int8_decode:
-        from .int8_decode import Int8DecodeStep
+    if torch_device.type == "cpu" and served in ("fp32", "8bit"):
+        from .decode_step import DecodeStep
 
-        reason = Int8DecodeStep.unsupported(model)
-        if reason:
+        weights = "int8" if served == "8bit" else "fp32"
+        reason = DecodeStep.unsupported(model, weights)
+        if reason is None:
+            decode_step = DecodeStep(model, weights)
+        elif served == "8bit":
             notes.append(f"8-bit decoding on the CPU is for LLaMA-LLaVA checkpoints, and {reason}; served in fp32")
             served = "fp32"
-        else:
-            decode_step = Int8DecodeStep(model)
     if llava:
         from transformers import AutoImageProcessor, AutoTokenizer
 
