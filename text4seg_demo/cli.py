@@ -130,7 +130,7 @@ def _load_model(args):
             raise ValueError(f"{args.command} asks one server; `eval` spreads queries over several")
         return engines[0]
     return load(args.model or DEFAULT_MODEL, quant=args.quant, device=args.device,
-                adapter=getattr(args, "adapter", None), grid=getattr(args, "grid", None),
+                adapter=getattr(args, "adapter", None), grid=getattr(args, "grid", None), compile=args.compile,
                 log=lambda m: print(m, file=sys.stderr))
 
 
@@ -248,7 +248,7 @@ def cmd_eval(args) -> int:
     if args.workers > 1:  # each worker loads its own model and refiner
         engine, refiner = None, None
         replica = Replica(args.model or DEFAULT_MODEL, args.quant, args.device, args.adapter, args.grid, args.refine,
-                          args.sam_checkpoint)
+                          args.sam_checkpoint, args.compile)
     elif _servers(args):
         engine, refiner, replica = _connect(args), _refiner(args), None
     else:
@@ -321,6 +321,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default="auto", choices=QUANTS,
                    help="auto: 4-bit nf4 on CUDA, full precision on CPU")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--compile", action="store_true",
+                   help="on a CPU, each decode step of a LLaMA-LLaVA as one torch.compile graph: about twice the "
+                        "tokens/s with --quant 8bit, after some seconds of compiling (needs a C++ compiler)")
     p.add_argument("--adapter", help="a PEFT LoRA adapter directory to merge into the model")
 
 

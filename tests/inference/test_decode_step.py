@@ -8,9 +8,9 @@ import torch
 from fakes import noise_image, write_tiny_qwen2_vl
 
 from text4seg_demo.evaluation.manifest import read_manifest
-from text4seg_demo.inference.devices import native_bf16
 from text4seg_demo.images import prepare
-from text4seg_demo.inference.decode_step import DecodeStep, Int8Linear
+from text4seg_demo.inference.decode_step import DecodeStep, Int8Linear, KVBuffers
+from text4seg_demo.inference.devices import native_bf16
 from text4seg_demo.inference.loading import load
 from text4seg_demo.pipeline import Request, segment
 
@@ -29,14 +29,22 @@ def test_fp32_steps_are_transformers_own_logits_from_the_same_weights(models):
     assert step.weights == "fp32"
     attn = model.model.language_model.layers[0].self_attn
     assert attn.q_proj.weight.data_ptr() == step.layers[0]["qkv"].weight.data_ptr()  # a view: nothing stored twice
-    _, cache, _ = full._prefill(noise_image(3), full.question("the red circle"), {})
-    ours, theirs = copy.deepcopy(cache), copy.deepcopy(cache)
+    transformers_forward = copy.copy(full)
+    transformers_forward.decode_step = None
+    _, theirs, _ = transformers_forward._prefill(noise_image(3), full.question("the red circle"), {})
+    ours = KVBuffers(theirs, spare=2)  # the four-token step below makes the buffers grow
+    prompt = theirs.get_seq_length()
     for tokens, positions in (([7], [300]), ([5, 9, 13, 2], [301, 302, 305, 309]), ([11], [310])):
         mine = step(tokens, ours, positions)
         own = model(input_ids=torch.tensor([tokens]), position_ids=torch.tensor([positions]), cache=theirs,
                     use_cache=True).logits[0].float()
         assert torch.allclose(mine, own, rtol=0, atol=1e-5), (mine - own).abs().max()
-    assert ours.get_seq_length() == theirs.get_seq_length() == cache.get_seq_length() + 6
+    assert ours.get_seq_length() == theirs.get_seq_length() == prompt + 6
+    for layer, keys, values in zip(theirs.layers, ours.keys, ours.values):
+        written = slice(0, ours.length)
+        assert torch.equal(keys[:, :, written], layer.keys) and torch.equal(values[:, :, written], layer.values)
+    ours.crop(-4)  # jump-forward takes back the drafted tokens the model did not write
+    assert ours.get_seq_length() == prompt + 2
 
 
 @needs_bf16
@@ -74,7 +82,28 @@ def test_several_tokens_in_one_step_are_those_tokens_one_by_one(models):
 
 
 def test_other_architectures_decode_in_fp32_and_say_so(tmp_path):
-    engine = load(str(write_tiny_qwen2_vl(tmp_path / "qwen")), quant="8bit", log=lambda m: None)
+    engine = load(str(write_tiny_qwen2_vl(tmp_path / "qwen")), quant="8bit", compile=True, log=lambda m: None)
     assert engine.quant == "fp32" and engine.decode_step is None
     assert any("not a LLaVA with a LLaMA language model" in note for note in engine.notes)
+    assert any(note.startswith("--compile is for the decode steps of a LLaMA-LLaVA") for note in engine.notes)
     assert DecodeStep.unsupported(engine.model) is not None
+
+
+@needs_bf16
+@pytest.mark.slow
+def test_compiled_steps_write_the_uncompiled_answers_from_one_graph(models):
+    _, int8 = models
+    compiled = load("tiny-rrle", quant="8bit", compile=True, log=lambda m: None)  # compiles here, once
+    assert compiled.decode_step.compiled and not compiled.notes
+    with torch._dynamo.config.patch(error_on_recompile=True):  # answers of any length reuse the graph
+        for query in read_manifest("examples/synthetic")[:3]:
+            image = prepare(query.image)[0]
+            for request in (Request(expression=query.expression),  # one token a step: the compiled graph
+                            Request(expression=query.expression, constrained=True, jump_forward=True)):
+                assert segment(compiled, image, request).text == segment(int8, image, request).text
+        _, cache, _ = compiled._prefill(noise_image(4), compiled.question("the blue star"), {})
+        eager, grown = copy.deepcopy(cache), copy.deepcopy(cache)
+        grown.reserve(1000)  # a longer buffer
+        for token, where in ((7, 300), (8, 301)):
+            assert torch.equal(compiled._forward([token], grown, [where]).argmax(-1),
+                               int8._forward([token], eager, [where]).argmax(-1))

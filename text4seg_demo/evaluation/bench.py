@@ -39,14 +39,14 @@ def _query(engine, image, expression, constrained=False, jump_forward=False) -> 
             "text": result.text, "expression": expression, "image": image}
 
 
-def _side_by_side(items, first, second, desc: str) -> tuple[list[dict], list[dict]]:
-    """Each query through both ways of answering (``(image, expression) -> row``) in turn, the one
-    going first alternating, so that a change in the machine's load during the run falls on both
+def _side_by_side(items, *answers, desc: str) -> tuple[list[dict], ...]:
+    """Each query through every way of answering (``(image, expression) -> row``) in turn, the one
+    going first rotating, so that a change in the machine's load during the run falls on all
     alike (their timings are compared as ratios)."""
-    rows: tuple[list[dict], list[dict]] = ([], [])
-    pairs = ((first, rows[0]), (second, rows[1]))
+    rows: tuple[list[dict], ...] = tuple([] for _ in answers)
+    ways = list(zip(answers, rows))
     for i, (image, expression) in enumerate(tqdm(items, desc=desc, unit="query", leave=False)):
-        for answer, out in pairs if i % 2 == 0 else pairs[::-1]:
+        for answer, out in ways[i % len(ways):] + ways[:i % len(ways)]:
             out.append(answer(image, expression))
     return rows
 
@@ -69,7 +69,8 @@ def bench(data: str, rrle_model: str = "tiny-rrle", full_model: str = "tiny-full
     rrle, full = load(rrle_model, log=log), load(full_model, log=log)
     for engine in (rrle, full):  # one warm-up query each, outside the measurement
         segment(engine, items[0][0], Request(expression=items[0][1]))
-    rrle_rows, full_rows = _side_by_side(items, partial(_query, rrle), partial(_query, full), "R-RLE and full-length")
+    rrle_rows, full_rows = _side_by_side(items, partial(_query, rrle), partial(_query, full),
+                                         desc="R-RLE and full-length")
     r, f = _summary(rrle_rows), _summary(full_rows)
     truth, llama = _true_texts(queries, rrle.settings.grid), load_tokenizer("llama")
     out = {
@@ -91,8 +92,7 @@ def bench(data: str, rrle_model: str = "tiny-rrle", full_model: str = "tiny-full
         "app_streaming": _app_streaming(rrle_model, rrle, queries[: min(20, len(queries))]),
         "app_compare": _app_compare((rrle_model, rrle), (full_model, full), queries[: min(20, len(queries))],
                                     rrle_rows, full_rows),
-        "decode_step": _decode_step(rrle, items[: min(20, len(items))]),
-        "int8_decode": _int8_decode(rrle_model, rrle, items[: min(40, len(items))], log),
+        "decode_steps": _decode_steps(rrle_model, rrle, items[: min(40, len(items))], log),
     }
     if browser:
         from .browser import page_streaming
@@ -161,7 +161,7 @@ def _loop_overhead(engine, items) -> dict:
 
 def _constrained(engine, items) -> dict:
     rows, free = _side_by_side(items, partial(_query, engine, constrained=True), partial(_query, engine),
-                               "constrained and free")
+                               desc="constrained and free")
     c_tok = _mean([r["decode_s"] / max(1, r["generated"]) for r in rows])
     f_tok = _mean([r["decode_s"] / max(1, r["generated"]) for r in free])
     return {"n": len(rows), "per_token_decode_overhead": c_tok / f_tok,
@@ -173,7 +173,7 @@ def _jump_forward(engine, items) -> dict:
     """Constrained decoding with and without jump-forward, taking turns: decode steps (forward
     passes), decode time, and whether the two answers are the same text."""
     jumped, plain = _side_by_side(items, partial(_query, engine, jump_forward=True),
-                                  partial(_query, engine, constrained=True), "jump-forward and plain constrained")
+                                  partial(_query, engine, constrained=True), desc="jump-forward and plain constrained")
     return {"n": len(items), "mean_decode_steps": _mean([r["decode_steps"] for r in jumped]),
             "mean_decode_steps_plain": _mean([r["decode_steps"] for r in plain]),
             "steps_ratio": _mean([r["decode_steps"] for r in plain]) / _mean([r["decode_steps"] for r in jumped]),
@@ -181,36 +181,33 @@ def _jump_forward(engine, items) -> dict:
             "same_text": _mean([a["text"] == b["text"] for a, b in zip(jumped, plain)])}
 
 
-def _decode_step(engine, items) -> dict | None:
-    """The project's fp32 decode steps (:mod:`~text4seg_demo.inference.decode_step`, the CPU's
-    default) against transformers' own forward on the same weights, taking turns: decode tokens a
-    second and how many answers come out the same (all of them: the logits are the same). None
-    where the engine decodes through transformers anyway."""
-    if engine.decode_step is None or engine.decode_step.weights != "fp32":
-        return None
-    plain = copy.copy(engine)  # the same model and caches, decoding through transformers' forward
-    plain.decode_step = None
-    ours, theirs = _side_by_side(items, partial(_query, engine), partial(_query, plain),
-                                 "own and transformers' decode steps")
-    rate = _summary(ours)["decode_tokens_per_s"], _summary(theirs)["decode_tokens_per_s"]
-    return {"n": len(items), "decode_tokens_per_s": rate[0], "decode_tokens_per_s_transformers": rate[1],
-            "speedup": rate[0] / rate[1], "same_text": _mean([a["text"] == b["text"] for a, b in zip(ours, theirs)])}
-
-
-def _int8_decode(model: str, engine, items, log) -> dict | None:
-    """The same model with 8-bit decode steps (``--quant 8bit`` on a CPU) against fp32, taking
-    turns: decode tokens a second and how many answers come out the same. None where the
-    machine or the model cannot decode that way."""
+def _decode_steps(model: str, engine, items, log) -> dict | None:
+    """The R-RLE model's decode steps on a CPU, every way taking turns on the same queries:
+    transformers' own forward, the project's fp32 steps (the default), ``--quant 8bit`` and
+    ``--quant 8bit --compile``; decode tokens a second, the speed-up over transformers' forward,
+    and how many answers are the default's. None where the engine does not decode that way."""
     from ..inference.loading import load
 
-    int8 = load(model, quant="8bit", log=log)
-    if int8.decode_step is None:
+    if engine.decode_step is None or engine.decode_step.weights != "fp32":
         return None
-    _query(int8, *items[0])  # its warm-up
-    fast, full = _side_by_side(items, partial(_query, int8), partial(_query, engine), "8-bit and fp32 decoding")
-    rate = _summary(fast)["decode_tokens_per_s"], _summary(full)["decode_tokens_per_s"]
-    return {"n": len(items), "decode_tokens_per_s": rate[0], "decode_tokens_per_s_fp32": rate[1],
-            "speedup": rate[0] / rate[1], "same_text": _mean([a["text"] == b["text"] for a, b in zip(fast, full)])}
+    transformers_forward = copy.copy(engine)  # the same model and caches, decoding through transformers
+    transformers_forward.decode_step = None
+    ways = {"transformers": transformers_forward, "fp32": engine}
+    int8 = load(model, quant="8bit", log=log)
+    if int8.decode_step is not None:
+        ways["int8"] = int8
+        compiled = load(model, quant="8bit", compile=True, log=log)
+        if compiled.decode_step.compiled:
+            ways["int8_compiled"] = compiled
+    for way in ways.values():  # warm-ups (and the compile) outside the measurement
+        _query(way, *items[0])
+    rows = dict(zip(ways, _side_by_side(items, *(partial(_query, way) for way in ways.values()),
+                                        desc="decode steps")))
+    rate = {name: _summary(rows[name])["decode_tokens_per_s"] for name in ways}
+    return {"n": len(items), "decode_tokens_per_s": rate,
+            "speedup": {name: rate[name] / rate["transformers"] for name in ways},
+            "same_text": {name: _mean([a["text"] == b["text"] for a, b in zip(rows[name], rows["fp32"])])
+                          for name in ways}}
 
 
 def _app_streaming(model: str, engine, queries) -> dict:
@@ -232,7 +229,7 @@ def _app_streaming(model: str, engine, queries) -> dict:
 
     page(None, queries[0])  # warm-up
     items = [(prepare(q.image, max_side=10**6)[0], q) for q in queries]
-    streamed, unstreamed = _side_by_side(items, page, plain, "the app's stream and unstreamed")
+    streamed, unstreamed = _side_by_side(items, page, plain, desc="the app's stream and unstreamed")
     return {"n": len(items), "mean_decode_s_streamed": _mean([r["decode_s"] for r in streamed]),
             "mean_decode_s": _mean([r["decode_s"] for r in unstreamed]),
             "overhead": _mean([r["decode_s"] for r in streamed]) / _mean([r["decode_s"] for r in unstreamed]),

@@ -65,7 +65,7 @@ def page_streaming(model: str, queries: list[Query]) -> dict:
 
             on_page(None, queries[0])  # warm-up: the page, the server and the model
             by_api(None, queries[0])
-            streamed, unstreamed = _side_by_side([(None, q) for q in queries], on_page, by_api, "page and API")
+            streamed, unstreamed = _side_by_side([(None, q) for q in queries], on_page, by_api, desc="page and API")
             browser.close()
     finally:
         demo.close()

@@ -41,6 +41,7 @@ class Replica:
     grid: int | None = None
     refine: str = "none"
     sam_checkpoint: str | None = None
+    compile: bool = False
 
     def build(self, ordinal: int = 0):
         """The engine and refiner of worker ``ordinal``; on a machine with several GPUs and no
@@ -54,7 +55,7 @@ class Replica:
         if device is None and torch.cuda.is_available():
             device = f"cuda:{ordinal % torch.cuda.device_count()}"
         engine = load(self.model, quant=self.quant, device=device, adapter=self.adapter, grid=self.grid,
-                      log=lambda message: None)
+                      compile=self.compile, log=lambda message: None)
         refiner = None if self.refine == "none" else build_refiner(self.refine, device=device,
                                                                    checkpoint=self.sam_checkpoint)
         return engine, refiner

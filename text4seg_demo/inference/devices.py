@@ -51,6 +51,14 @@ def native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile would build CPU kernels with (``$CXX``, else g++ or clang++), if any."""
+    import os
+    import shutil
+
+    return next(filter(None, (shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++") if c)), None)
+
+
 def plan_precision(quant: str, device) -> tuple[str, str]:
     """What can actually be served for ``quant`` on ``device``, and a note when it differs."""
     if quant not in QUANTS:

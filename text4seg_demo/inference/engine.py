@@ -26,6 +26,7 @@ from ..caching import LRUCache, image_key
 from ..descriptors import codec, prompts
 from ..descriptors.grammar import GrammarConstraint, ebnf, grammar_char_budget
 from .attention import image_block_mask
+from .decode_step import KVBuffers
 from .devices import decode_threads, intra_op_threads
 from .positions import AnswerPositions
 from .settings import Settings
@@ -204,6 +205,8 @@ class Text4SegModel(Engine):
             self.model(inputs_embeds=prefix, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
             self._prefixes.put(key, copy.deepcopy(cache))
         out = self.model(inputs_embeds=self._embed(after), cache=cache, use_cache=True, logits_to_keep=1)
+        if self.decode_step is not None:
+            cache = KVBuffers(cache)
         _sync(self.device)
         timings["prefill"] = time.perf_counter() - t0
         counts = {"prompt": len(before) + features.shape[0] + len(after), "image": features.shape[0]}

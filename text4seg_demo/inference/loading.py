@@ -67,11 +67,13 @@ def converted_dir(src: Path) -> Path:
 
 
 def load(name: str = DEFAULT_MODEL, quant: str = "auto", device: str | None = None, adapter: str | None = None,
-         grid: int | None = None, fmt: str | None = None, prompt_style: str | None = None, log=print) -> Text4SegModel:
+         grid: int | None = None, fmt: str | None = None, prompt_style: str | None = None, compile: bool = False,
+         log=print) -> Text4SegModel:
     """Load a model by preset name, hub id or directory, ready to answer.
 
     Original-LLaVA checkpoints are converted once and cached; precision requests that the
-    machine cannot serve fall back with a note in ``model.notes``.
+    machine cannot serve fall back with a note in ``model.notes``. ``compile``: the CPU's decode
+    steps (:mod:`~text4seg_demo.inference.decode_step`) as one ``torch.compile`` graph each.
     """
     from .convert import convert, is_original_llava
 
@@ -110,14 +112,20 @@ def load(name: str = DEFAULT_MODEL, quant: str = "auto", device: str | None = No
     decode_step = None
     if torch_device.type == "cpu" and served in ("fp32", "8bit"):
         from .decode_step import DecodeStep
+        from .devices import cpp_compiler
 
         weights = "int8" if served == "8bit" else "fp32"
         reason = DecodeStep.unsupported(model, weights)
         if reason is None:
-            decode_step = DecodeStep(model, weights)
+            if compile and cpp_compiler() is not None:
+                log("compiling the decode step (torch.compile, once per load)")
+            decode_step = DecodeStep(model, weights, compile=compile and cpp_compiler() is not None)
         elif served == "8bit":
             notes.append(f"8-bit decoding on the CPU is for LLaMA-LLaVA checkpoints, and {reason}; served in fp32")
             served = "fp32"
+    if compile and (decode_step is None or not decode_step.compiled):
+        notes.append("--compile is for the decode steps of a LLaMA-LLaVA on a CPU with a C++ compiler "
+                     "(for torch.compile); decoding uncompiled")
     if llava:
         from transformers import AutoImageProcessor, AutoTokenizer
 
