@@ -322,8 +322,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="auto: 4-bit nf4 on CUDA, full precision on CPU")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--compile", action="store_true",
-                   help="on a CPU, each decode step of a LLaMA-LLaVA as one torch.compile graph: about twice the "
-                        "tokens/s with --quant 8bit, after some seconds of compiling (needs a C++ compiler)")
+                   help="on a CPU, each decode step of a LLaMA-LLaVA as one torch.compile graph, compiled when the "
+                        "model loads (seconds; needs a C++ compiler): 1.7x the tokens/s of --quant 8bit")
     p.add_argument("--adapter", help="a PEFT LoRA adapter directory to merge into the model")
 
 
