@@ -156,7 +156,8 @@ class DecodeStep:
         config = getattr(lm, "config", None)
         if config is None or config.model_type != "llama" or not hasattr(model, "lm_head"):
             return "it is not a LLaVA with a LLaMA language model"
-        if config.hidden_act != "silu" or getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        biased = getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)
+        if config.hidden_act != "silu" or biased:
             return "its LLaMA has biases or another activation"
         if getattr(lm.rotary_emb, "rope_type", "default") not in STATIC_ROPE:
             return "its rotary angles change with the length"
