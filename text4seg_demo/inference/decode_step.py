@@ -173,8 +173,8 @@ class DecodeStep:
     def __call__(self, tokens: list[int], cache: KVBuffers, positions: list[int] | None = None) -> torch.Tensor:
         n, past = len(tokens), cache.length
         where = list(positions) if positions is not None else list(range(past, past + n))
-        if max(where) >= len(self.cos):
-            self._angles(2 * max(where))
+        if (last := max(where)) >= len(self.cos):
+            self._angles(2 * last)
         where = torch.tensor(where)
         h = F.embedding(torch.tensor(tokens), self.embed)  # the residual stream: tokens x hidden, fp32
         cache.reserve(n)

@@ -117,9 +117,10 @@ def load(name: str = DEFAULT_MODEL, quant: str = "auto", device: str | None = No
         weights = "int8" if served == "8bit" else "fp32"
         reason = DecodeStep.unsupported(model, weights)
         if reason is None:
-            if compile and cpp_compiler() is not None:
+            compiled = compile and cpp_compiler() is not None
+            if compiled:
                 log("compiling the decode step (torch.compile, once per load)")
-            decode_step = DecodeStep(model, weights, compile=compile and cpp_compiler() is not None)
+            decode_step = DecodeStep(model, weights, compile=compiled)
         elif served == "8bit":
             notes.append(f"8-bit decoding on the CPU is for LLaMA-LLaVA checkpoints, and {reason}; served in fp32")
             served = "fp32"
