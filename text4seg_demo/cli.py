@@ -188,6 +188,14 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def _training_options(parser) -> None:
+    """Where and how a training command runs, the same for one stage and the whole recipe."""
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes that build batches (default 0: best on a 2-core CPU; use more beside a GPU)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the training process")
+    parser.add_argument("--eval-every", type=float, default=10, help="minutes between held-out evaluations")
+
+
 def _given(**options) -> dict:
     """The options the user set: the rest keep each training stage's own defaults."""
     return {name: value for name, value in options.items() if value is not None}
@@ -219,6 +227,22 @@ def cmd_train_tiny(args) -> int:
                       warm_heads=args.warm_heads, bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
     path = train(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"model written to {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_rebuild_tiny(args) -> int:
+    import torch
+
+    from .training.recipe import rebuild
+    from .training.tiny import write_card
+
+    torch.set_num_threads(args.threads)
+    last = rebuild(args.format, args.out, tower=args.tower, until=args.until, workers=args.workers,
+                   eval_every_min=args.eval_every, log=lambda m: print(m, file=sys.stderr, flush=True))
+    if (last / "model").exists():
+        write_card(last)
+        print(f"model and card in {last / 'model'}; to bundle it: cp {last / 'model'}/* assets/tiny-{args.format}/",
+              file=sys.stderr)
     return 0
 
 
@@ -332,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .inference.attention import SCHEMES as ATTENTION_SCHEMES
     from .inference.positions import FORMATS as POSITION_FORMATS
     from .inference.positions import SCHEMES as POSITION_SCHEMES
+    from .training.recipe import NAMES as RECIPE_STAGES
     from .training.synth import KINDS, SPLITS
     from .training.tiny import LABEL_TOKENS
 
@@ -397,19 +422,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tower: first teach the vision tower shape kinds and colours per patch "
                          "(dense labels); llava: train the whole model to write descriptors (default)")
     tt.add_argument("--format", choices=POSITION_FORMATS, default="rrle")
+    _training_options(tt)
     tt.add_argument("--grid", type=_grid, default=16)
     tt.add_argument("--steps", type=int, help="stop after this many optimiser steps (default: 2800 tower; "
                                               "llava: none); steps, unlike minutes, mean the same on any machine")
     tt.add_argument("--minutes", type=float, help="wall-clock cap of this run (default: 60 llava without --steps)")
-    tt.add_argument("--workers", type=int, default=0,
-                    help="processes that build batches (default 0: best on a 2-core CPU; use more beside a GPU)")
     tt.add_argument("--batch", type=int, help="default: 16 for the llava stage, 32 for the tower stage")
     tt.add_argument("--lr", type=float, help="default: 2e-3 for the llava stage, 1e-3 for the tower stage")
     tt.add_argument("--seed", type=int, default=0)
-    tt.add_argument("--eval-every", type=float, default=10, help="minutes between held-out evaluations")
     tt.add_argument("--eval-queries", type=int, default=48,
                     help="held-out queries of each evaluation of a llava stage (0: none)")
-    tt.add_argument("--threads", type=int, default=2)
     tt.add_argument("--positions", choices=POSITION_SCHEMES, default="grid",
                     help="answer position ids: natural, or grid (each descriptor token placed at its image cell)")
     tt.add_argument("--label-tokens", choices=LABEL_TOKENS, default="words",
@@ -436,6 +458,15 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--freeze-tower", action="store_true",
                     help="keep the vision tower fixed (after --init from a tower stage, so its shape kinds survive)")
     tt.set_defaults(func=cmd_train_tiny)
+
+    rb = commands.add_parser("rebuild-tiny", help="train a bundled tiny model by the shipped recipe, every stage in "
+                                                  "order (resumes where a stopped rebuild left off)")
+    rb.add_argument("--format", choices=POSITION_FORMATS, default="rrle")
+    rb.add_argument("--out", type=Path, required=True, help="folder of the stages' run directories")
+    rb.add_argument("--tower", type=Path, help="a finished tower stage to start from (it serves both formats)")
+    rb.add_argument("--until", choices=RECIPE_STAGES, help="stop after this stage (default: the last)")
+    _training_options(rb)
+    rb.set_defaults(func=cmd_rebuild_tiny)
 
     pr = commands.add_parser("probe", help="where a training run's checkpoint grounds (training heads, teacher-forced) "
                                            "and what its vision tower tells apart (linear probes), as JSON")

@@ -144,6 +144,13 @@ def fixed_grid_ciou(engine) -> float:
     return grid_scores(engine, fixed_queries())["grid_ciou"]
 
 
+def _shown(path: str) -> str:
+    """A recorded run path as a card shows it: relative to the project, not to one machine."""
+    import os
+
+    return os.path.relpath(path) if os.path.isabs(path) and Path(path).is_relative_to(Path.cwd()) else path
+
+
 def _total_minutes(training: dict) -> float:
     return training["minutes"] + sum(stage["minutes"] for stage in training.get("lineage", []))
 
@@ -213,7 +220,7 @@ def write_card(run: str | Path) -> Path:
          "new one starting as the mean of the pieces it replaces (greedy answers unchanged)"),
         f"- command: `text4seg train-tiny --out RUN --format {settings['format']} --grid {settings['grid']} "
         f"--steps {t['steps']}{' --init INIT_RUN' if t.get('init') else ''} {stage_flags(t)}`",
-        *([f"- a curriculum: this stage started from the weights of `{t['init']}` as they were then; earlier "
+        *([f"- a curriculum: this stage started from the weights of `{_shown(t['init'])}` as they were then; earlier "
            "stages, oldest first: "
            + "; ".join(_stage_summary(stage) for stage in t.get("lineage", []))
            + f". Training time of the weights in all: {_total_minutes(t):.0f} minutes"]
@@ -226,8 +233,8 @@ def write_card(run: str | Path) -> Path:
            "in both directions, the text is causal"]
           if settings.get("image_attention") == "bidirectional" else []),
         f"- grid cIoU on the 20 fixed queries of `tiny.fixed_queries()`: {settings['metrics']['fixed20_grid_ciou']}",
-        "- the recipe and how to rebuild this model: `docs/training.md` of the project; every training attempt "
-        "and its numbers: `docs/training-log.md`",
+        f"- rebuild by the shipped recipe: `text4seg rebuild-tiny --format {settings['format']} --out DIR` "
+        "(`docs/training.md` of the project); every training attempt and its numbers: `docs/training-log.md`",
     ]
     if evaluations:
         lines += ["", "Held-out grid cIoU during training (greedy answers to generated queries):", "",

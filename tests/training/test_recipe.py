@@ -1,0 +1,58 @@
+"""The shipped recipe: what it runs, in which order, and what it keeps after a stop."""
+
+from pathlib import Path
+
+import pytest
+
+from text4seg_demo.inference.settings import write_record
+from text4seg_demo.training import recipe, tower, train
+
+class Recorder:
+    """Stands in for the tower and LLaVA stages: notes each call and writes what a stage leaves."""
+
+    def __init__(self, stop_in: str | None = None):
+        self.calls, self.stop_in = [], stop_in
+
+    def train_tower(self, cfg, resume, log):
+        self.calls.append(("tower", cfg.out, None, resume))
+        Path(cfg.out).mkdir(parents=True)
+        write_record(cfg.out, {"training": {"stage": "tower", "steps": cfg.steps}})
+
+    def train(self, cfg, resume, log):
+        folder = Path(cfg.out)
+        self.calls.append((folder.name, cfg.out, cfg.init, resume, cfg.fmt, cfg.lr, cfg.steps))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "checkpoint.pt").write_bytes(b"")
+        if folder.name == self.stop_in:
+            raise KeyboardInterrupt  # a stop inside the stage: its checkpoint stays, no model
+        (folder / "model").mkdir()
+        write_record(folder / "model", {"training": {"steps": cfg.steps}})
+
+
+def test_rebuild_chains_the_stages_and_continues_where_a_stop_left_it(tmp_path, monkeypatch):
+    first = Recorder(stop_in="side")
+    monkeypatch.setattr(tower, "train_tower", first.train_tower)
+    monkeypatch.setattr(train, "train", first.train)
+    out = tmp_path / "runs"
+    with pytest.raises(KeyboardInterrupt):
+        recipe.rebuild("full", out, log=lambda m: None)
+    assert [c[0] for c in first.calls] == ["tower", "grounding", "unfrozen", "side"]
+    assert [c[2] for c in first.calls[1:]] == [str(out / "tower"), str(out / "grounding"), str(out / "unfrozen")]
+    assert first.calls[1][4:] == ("full", 2e-3, 3700) and not any(c[3] for c in first.calls)
+
+    again = Recorder()
+    monkeypatch.setattr(tower, "train_tower", again.train_tower)
+    monkeypatch.setattr(train, "train", again.train)
+    said = []
+    last = recipe.rebuild("full", out, until="bidirectional", log=said.append)
+    assert last == out / "bidirectional"
+    assert [(c[0], c[3]) for c in again.calls] == [("side", True), ("bidirectional", False)]  # the rest kept
+    assert any(m.startswith("grounding: finished") for m in said) and any(m.startswith("side: resuming") for m in said)
+
+    reused = Recorder()
+    monkeypatch.setattr(tower, "train_tower", reused.train_tower)
+    monkeypatch.setattr(train, "train", reused.train)
+    recipe.rebuild("rrle", tmp_path / "rrle", tower=out / "tower", until="grounding", log=lambda m: None)
+    assert [(c[0], c[2], c[4]) for c in reused.calls] == [("grounding", str(out / "tower"), "rrle")]
+    with pytest.raises(ValueError, match="unknown stage 'last'.*polish-3"):
+        recipe.rebuild("rrle", out, until="last")

@@ -1,0 +1,80 @@
+"""The shipped training recipe as data: the stages that made the bundled tiny models, in order.
+
+``text4seg rebuild-tiny --format F --out DIR`` runs them into ``DIR/<stage>``, each stage starting
+from the one before (weights and training heads), so rebuilding a model is one command per format.
+A finished stage (``DIR/<stage>/model``) is kept and an interrupted one resumed, so the same command
+continues a rebuild after any stop. Every stage is counted in steps, which mean the same on a GPU
+and a CPU; both formats take the same stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TOWER = "tower"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One LLaVA stage: its folder name and the :class:`~.train.TrainConfig` fields it sets."""
+
+    name: str
+    options: dict = field(default_factory=dict)
+
+
+# Tower stage first (tower.py defaults), then these. What each adds: docs/training.md.
+STAGES = (
+    Stage("grounding", {"steps": 3700, "lr": 2e-3, "freeze_tower": True, "image_attention": "causal",
+                        "focus": None, "focus_share": 0.5}),
+    Stage("unfrozen", {"steps": 600, "lr": 2.5e-4, "image_attention": "causal", "focus": None, "focus_share": 0.5}),
+    Stage("side", {"steps": 600, "lr": 5e-4, "image_attention": "causal", "focus": "side", "focus_share": 0.5}),
+    Stage("bidirectional", {"steps": 800, "lr": 5e-4, "focus": "side", "focus_share": 0.5}),
+    Stage("bidirectional-settle", {"steps": 600, "lr": 2.5e-4, "focus": "side", "focus_share": 0.5}),
+    Stage("domain", {"steps": 1230, "lr": 5e-4}),
+    Stage("polish-1", {"steps": 1423, "lr": 5e-5}),
+    Stage("polish-2", {"steps": 1618, "lr": 5e-5, "seed": 2}),
+    Stage("polish-3", {"steps": 2000, "lr": 5e-5, "seed": 3}),
+)
+NAMES = (TOWER, *(stage.name for stage in STAGES))
+
+
+def rebuild(fmt: str, out: str | Path, tower: str | Path | None = None, until: str | None = None,
+            workers: int = 0, eval_every_min: float = 10.0, log: Callable[[str], None] = print) -> Path:
+    """Run the recipe for ``fmt`` into ``out`` up to stage ``until`` (default: all); return the
+    last stage's folder. ``tower`` reuses a finished tower stage (it does not depend on the format)."""
+    from . import tower as tower_stage
+    from . import train as llava_stage
+
+    if until is not None and until not in NAMES:
+        raise ValueError(f"unknown stage {until!r}: the recipe's stages are {', '.join(NAMES)}")
+    out = Path(out)
+    previous = Path(tower) if tower is not None else out / TOWER
+    if tower is None and not _stage(previous, TOWER, "", log):
+        tower_stage.train_tower(tower_stage.TowerConfig(out=str(previous), workers=workers,
+                                                        eval_every_min=eval_every_min),
+                                resume=(previous / "checkpoint.pt").exists(), log=log)
+    for stage in STAGES if until != TOWER else ():
+        folder = out / stage.name
+        if not _stage(folder, stage.name, f" from {previous}", log):
+            cfg = llava_stage.TrainConfig(out=str(folder), fmt=fmt, init=str(previous), workers=workers,
+                                          eval_every_min=eval_every_min, **stage.options)
+            llava_stage.train(cfg, resume=(folder / "checkpoint.pt").exists(), log=log)
+        previous = folder
+        if stage.name == until:
+            break
+    return previous
+
+
+def _stage(folder: Path, name: str, source: str, log) -> bool:
+    """Whether the stage in ``folder`` is finished (a stage writes its training record last); say
+    what happens to it."""
+    from ..inference.settings import read_record
+
+    if read_record(folder) or read_record(folder / "model"):
+        log(f"{name}: finished in {folder}, kept")
+        return True
+    verb = "resuming" if (folder / "checkpoint.pt").exists() else "training"
+    log(f"{name}: {verb} in {folder}{source}")
+    return False
