@@ -7,6 +7,7 @@ import pytest
 from text4seg_demo.inference.settings import write_record
 from text4seg_demo.training import recipe, tower, train
 
+
 class Recorder:
     """Stands in for the tower and LLaVA stages: notes each call and writes what a stage leaves."""
 
