@@ -35,7 +35,7 @@ STAGES = (
     Stage("domain", {"steps": 1230, "lr": 5e-4}),
     Stage("polish-1", {"steps": 1423, "lr": 5e-5}),
     Stage("polish-2", {"steps": 1618, "lr": 5e-5, "seed": 2}),
-    Stage("polish-3", {"steps": 2000, "lr": 5e-5, "seed": 3}),
+    Stage("polish-3", {"steps": 2183, "lr": 5e-5, "seed": 3}),
 )
 NAMES = (TOWER, *(stage.name for stage in STAGES))
 
