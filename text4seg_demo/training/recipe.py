@@ -36,6 +36,7 @@ STAGES = (
     Stage("polish-1", {"steps": 1423, "lr": 5e-5}),
     Stage("polish-2", {"steps": 1618, "lr": 5e-5, "seed": 2}),
     Stage("polish-3", {"steps": 2183, "lr": 5e-5, "seed": 3}),
+    Stage("polish-4", {"steps": 2003, "lr": 5e-5, "seed": 4}),
 )
 NAMES = (TOWER, *(stage.name for stage in STAGES))
 
