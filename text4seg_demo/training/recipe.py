@@ -37,6 +37,7 @@ STAGES = (
     Stage("polish-2", {"steps": 1618, "lr": 5e-5, "seed": 2}),
     Stage("polish-3", {"steps": 2183, "lr": 5e-5, "seed": 3}),
     Stage("polish-4", {"steps": 2003, "lr": 5e-5, "seed": 4}),
+    Stage("polish-5", {"steps": 2000, "lr": 1e-4, "seed": 5}),
 )
 NAMES = (TOWER, *(stage.name for stage in STAGES))
 
