@@ -249,7 +249,9 @@ def build_sam_lite(device: str | None = None) -> SamRefiner:
 
 class GrabCutRefiner:
     """GrabCut from the coarse mask: sure foreground inside the eroded mask, sure background
-    beyond the dilated one, probable in between. The band is half a patch wide."""
+    beyond the dilated one, probable in between. The band is half a patch wide. Colours are
+    modelled in CIELAB, where distance follows perceived difference; it refined better than RGB
+    on every set measured (docs/refinement.md)."""
 
     name, checkpoint = "grabcut", None
 
@@ -263,7 +265,7 @@ class GrabCutRefiner:
         h, w = coarse.shape
         scale = min(1.0, self.max_side / max(h, w))
         small = (max(1, round(w * scale)), max(1, round(h * scale)))
-        pixels = cv2.cvtColor(np.asarray(image.convert("RGB").resize(small, Image.BILINEAR)), cv2.COLOR_RGB2BGR)
+        pixels = cv2.cvtColor(np.asarray(image.convert("RGB").resize(small, Image.BILINEAR)), cv2.COLOR_RGB2LAB)
         coarse_small = cv2.resize(coarse.astype(np.int32).astype(np.float32), small,
                                   interpolation=cv2.INTER_NEAREST).astype(np.int32)
         band = max(1, int(round(0.5 * max(small) / grid)))

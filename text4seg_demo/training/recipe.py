@@ -38,6 +38,7 @@ STAGES = (
     Stage("polish-3", {"steps": 2183, "lr": 5e-5, "seed": 3}),
     Stage("polish-4", {"steps": 2003, "lr": 5e-5, "seed": 4}),
     Stage("polish-5", {"steps": 2000, "lr": 1e-4, "seed": 5}),
+    Stage("polish-6", {"steps": 2000, "lr": 1e-4, "seed": 6}),
 )
 NAMES = (TOWER, *(stage.name for stage in STAGES))
 
