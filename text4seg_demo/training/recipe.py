@@ -39,6 +39,7 @@ STAGES = (
     Stage("polish-4", {"steps": 2003, "lr": 5e-5, "seed": 4}),
     Stage("polish-5", {"steps": 2000, "lr": 1e-4, "seed": 5}),
     Stage("polish-6", {"steps": 2000, "lr": 1e-4, "seed": 6}),
+    Stage("polish-7", {"steps": 1500, "lr": 1e-4, "seed": 7}),
 )
 NAMES = (TOWER, *(stage.name for stage in STAGES))
 
