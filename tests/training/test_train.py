@@ -202,3 +202,13 @@ def test_warm_heads_steps_train_only_the_fresh_heads_then_everything(tmp_path):
     assert not all(torch.equal(after_warm["heads"][k], fresh[k]) for k in fresh)  # the heads learnt
     train.train(train.TrainConfig(out=cfg.out, steps=3), resume=True, log=lambda m: None)
     assert not all(torch.equal(state()["model"][k], saved[k]) for k in saved)  # then everything moves
+
+
+def test_after_its_warm_heads_steps_the_model_warms_up_and_ends_where_the_heads_end():
+    cfg = train.TrainConfig(out="unused", lr=1e-4, warmup=100, warm_heads=300)
+    assert train.rates(299, cfg, 1500)[0] == 0.0
+    model, heads = train.rates(300, cfg, 1500)
+    assert model == pytest.approx(1e-6) and heads == pytest.approx(1e-4, rel=0.05)
+    assert train.rates(399, cfg, 1500)[0] == pytest.approx(1e-4)
+    assert train.rates(1499, cfg, 1500) == pytest.approx((1e-5, 1e-5), rel=0.01)
+    assert train.rates(0, train.TrainConfig(out="unused", lr=1e-4), 1500) == pytest.approx((1e-6, 1e-6))

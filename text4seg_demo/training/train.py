@@ -204,6 +204,18 @@ def cosine(step, warmup, total):
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+def rates(step: int, cfg: TrainConfig, total: int) -> tuple[float, float]:
+    """Learning rates of the model and of the training heads at ``step`` of ``total``.
+
+    A trained model with fresh heads: while the heads learn to read it, their gradients would
+    rewrite it, so for ``cfg.warm_heads`` steps the model stands still (its optimiser statistics
+    fill), then warms up as a stage does rather than taking the full rate at once."""
+    heads = cfg.lr * cosine(step, cfg.warmup, total)
+    if step < cfg.warm_heads:
+        return 0.0, heads
+    return cfg.lr * cosine(step - cfg.warm_heads, cfg.warmup, total - cfg.warm_heads), heads
+
+
 def _settings(cfg: TrainConfig) -> Settings:
     """How a model of this run speaks, as its ``text4seg.json`` will say."""
     return Settings(cfg.grid, cfg.fmt, PROMPT_STYLE, positions=cfg.positions, image_attention=cfg.image_attention)
@@ -345,11 +357,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
 
     for batch in run.batches(make, cfg.seed, cfg.steps, cfg.workers, budget, cfg.eval_every_min, checkpoint):
         batch = {key: value.to(device) for key, value in batch.items()}
-        lr = cfg.lr * cosine(run.step, cfg.warmup, est_total)
-        # a trained model with fresh heads: while the heads learn to read it, their gradients would
-        # rewrite it, so for ``warm_heads`` steps the model stands still (its optimiser statistics fill)
-        opt.param_groups[0]["lr"] = lr if run.step >= cfg.warm_heads else 0.0
-        opt.param_groups[1]["lr"] = lr
+        opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = rates(run.step, cfg, est_total)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             lm, patch, row = losses(model, heads, batch, cfg.grid, cfg.image_attention)
         loss = lm + cfg.patch_weight * patch + cfg.row_weight * row
