@@ -130,6 +130,31 @@ def test_grabcut_recovers_a_disk_from_its_blocky_grid():
     assert (again.mask == refined.mask).all()
 
 
+def test_grabcut_refines_each_region_against_its_own_surroundings():
+    # a red target on blue ground beside a blue target on grey: one colour model for both targets
+    # would hold blue and keep the blue ground around the red one
+    pixels = np.full((240, 320, 3), (120, 120, 120), np.uint8)
+    pixels[:, :160] = (40, 60, 220)
+    image = Image.fromarray(pixels)
+    draw, labels = ImageDraw.Draw(image), Image.new("L", (320, 240), 0)
+    for box, colour in (((40, 70, 110, 140), (220, 40, 40)), ((200, 80, 280, 160), (40, 60, 220))):
+        draw.ellipse(box, fill=colour)
+        ImageDraw.Draw(labels).ellipse(box, fill=255)
+    truth = np.asarray(labels) > 0
+    coarse = to_image(to_grid(truth.astype(np.uint8), 16), *truth.shape).astype(np.int32)
+    refined = GrabCutRefiner().refine(image, coarse, ["others", "both"], grid=16)
+    assert iou(refined.mask > 0, truth) >= 0.95
+
+
+def test_grabcut_keeps_an_answer_too_small_to_model():
+    # two pixels of a 16-pixel image: GrabCut alone would leave nothing of the answer
+    image, _ = disk_image(w=16, h=16, box=(4, 4, 8, 8))
+    coarse = np.zeros((16, 16), np.int32)
+    coarse[5:7, 5:7] = 1
+    refined = GrabCutRefiner().refine(image, coarse, ["others", "disk"], grid=16)
+    assert (refined.mask == coarse).all()
+
+
 def test_missing_sam_checkpoint_offline_says_what_to_do():
     with pytest.raises(RefinerError) as err:
         build_refiner("sam")
