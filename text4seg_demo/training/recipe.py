@@ -40,6 +40,7 @@ STAGES = (
     Stage("polish-5", {"steps": 2000, "lr": 1e-4, "seed": 5}),
     Stage("polish-6", {"steps": 2000, "lr": 1e-4, "seed": 6}),
     Stage("polish-7", {"steps": 1500, "lr": 1e-4, "seed": 7}),
+    Stage("polish-8", {"steps": 1500, "lr": 1e-4, "seed": 8}),
 )
 NAMES = (TOWER, *(stage.name for stage in STAGES))
 
