@@ -347,7 +347,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--compile", action="store_true",
                    help="on a CPU, each decode step of a LLaMA-LLaVA as one torch.compile graph, compiled when the "
-                        "model loads (seconds; needs a C++ compiler): 1.6x the tokens/s of --quant 8bit")
+                        "model loads (seconds; needs a C++ compiler): 1.7x the tokens/s of --quant 8bit")
     p.add_argument("--adapter", help="a PEFT LoRA adapter directory to merge into the model")
 
 
