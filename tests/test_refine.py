@@ -131,8 +131,8 @@ def test_grabcut_recovers_a_disk_from_its_blocky_grid():
 
 
 def test_grabcut_refines_each_region_against_its_own_surroundings():
-    # a red target on blue ground beside a blue target on grey: one colour model for both targets
-    # would hold blue and keep the blue ground around the red one
+    # a red target on blue ground beside a blue target on grey: each region's window holds its own
+    # ground, and both targets come out whole without the blue ground around the red one
     pixels = np.full((240, 320, 3), (120, 120, 120), np.uint8)
     pixels[:, :160] = (40, 60, 220)
     image = Image.fromarray(pixels)
