@@ -43,6 +43,13 @@ def _share(text: str) -> float:
     return value
 
 
+def _image_size(text: str) -> int:
+    value = int(text)
+    if value <= 0 or value % 16:
+        raise argparse.ArgumentTypeError(f"the image size must be a positive multiple of 16 (16 x 16 patches), got {value}")
+    return value
+
+
 # --------------------------------------------------------------------------- descriptors
 
 
@@ -224,7 +231,7 @@ def cmd_train_tiny(args) -> int:
                       freeze_tower=args.freeze_tower, label_tokens=args.label_tokens,
                       image_attention=args.image_attention, contrast=args.contrast,
                       colour_rivals=args.colour_rivals, focus=args.focus, focus_share=args.focus_share,
-                      warm_heads=args.warm_heads, bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
+                      warm_heads=args.warm_heads, image_size=args.image_size, bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
     path = train(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"model written to {path}", file=sys.stderr)
     return 0
@@ -453,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--warm-heads", type=int, default=0, metavar="STEPS",
                     help="first steps that train only the training heads: for --init from a saved model, whose "
                          "heads start afresh (default 0)")
+    tt.add_argument("--image-size", type=_image_size, default=224, metavar="PX",
+                    help="the vision tower's input side, a multiple of 16: 16 x 16 patches of PX/16 px. Above the "
+                         "--init model's, its patch embedding is resized to answer as before (default 224)")
     tt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     tt.add_argument("--init", type=Path, help="start from another run's checkpoint: a tower stage, or a LLaVA stage (e.g. R-RLE after full-length)")
     tt.add_argument("--freeze-tower", action="store_true",

@@ -1,5 +1,6 @@
 """The LLaVA training stage: batches, losses, curricula, cards and probes."""
 
+import json
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,11 +38,34 @@ def test_a_model_cards_command_line_gives_back_its_stage():
 
     cfg = train.TrainConfig(out="RUN", lr=2.5e-4, positions="grid", freeze_tower=True, label_tokens="words",
                             image_attention="bidirectional", contrast=True, colour_rivals=True, focus="side",
-                            focus_share=0.3, warm_heads=300)
+                            focus_share=0.3, warm_heads=300, image_size=448)
     args = build_parser().parse_args(["train-tiny", "--out", "RUN", *tiny.stage_flags(asdict(cfg)).split()])
     assert (args.lr, args.positions, args.freeze_tower, args.label_tokens, args.image_attention, args.contrast,
-            args.colour_rivals, args.focus, args.focus_share, args.warm_heads) == (
-        2.5e-4, "grid", True, "words", "bidirectional", True, True, "side", 0.3, 300)
+            args.colour_rivals, args.focus, args.focus_share, args.warm_heads, args.image_size) == (
+        2.5e-4, "grid", True, "words", "bidirectional", True, True, "side", 0.3, 300, 448)
+    with pytest.raises(SystemExit):  # 16 x 16 patches: the side must divide by 16
+        build_parser().parse_args(["train-tiny", "--out", "RUN", "--image-size", "300"])
+
+
+def test_a_stage_at_a_larger_image_size_starts_where_the_smaller_model_was(tmp_path):
+    """From a 224 px model, a 448 px stage's tower reads each 28 px patch as the old one read
+    the 14 px patch that the image's 2 x 2 averaging gives: the same features, exactly."""
+    tokenizer = tiny.build_tokenizer(tiny.training_corpus())
+    tiny.save_pretrained(tiny.build_model(tokenizer, text_layers=2, seed=3), tokenizer, tmp_path / "small", {})
+    small = LlavaForConditionalGeneration.from_pretrained(tmp_path / "small", dtype=torch.float32).eval()
+    large = tiny.build_model(tokenizer, text_layers=2, seed=4, image_size=448).eval()
+    train._initialise(large, train.AuxHeads(256, 16), str(tmp_path / "small"), tokenizer)
+    assert large.config.vision_config.patch_size == 28
+    pixels = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        seen_large = large.model.vision_tower(pixels).last_hidden_state
+        seen_small = small.model.vision_tower(torch.nn.functional.avg_pool2d(pixels, 2)).last_hidden_state
+    assert torch.allclose(seen_large, seen_small, atol=1e-4)
+    assert not torch.allclose(seen_large, small.model.vision_tower(pixels[..., ::2, ::2]).last_hidden_state, atol=1e-2)
+    tiny.save_pretrained(large, tokenizer, tmp_path / "large", {})  # and it is saved with its image size
+    assert json.loads((tmp_path / "large" / "preprocessor_config.json").read_text())["size"]["height"] == 448
+    with pytest.raises(ValueError, match="whole multiple"):
+        train.fit_patches(small.state_dict(), tiny.build_model(tokenizer, text_layers=2, image_size=320))
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """The bundled tiny Text4Seg models: a transformers-native LLaVA small enough for a CPU.
 
-Architecture: a CLIP-style vision tower at 224 px with 14 px patches (one vision token per
-cell of a 16 x 16 grid), a 2-layer MLP projector and a small Llama. The tokenizer is a
+Architecture: a CLIP-style vision tower with 16 x 16 patches (224 px images in 14 px patches by
+default; a later stage may see more pixels in larger patches, the same 16 x 16 vision tokens), a 2-layer MLP projector and a small Llama. The tokenizer is a
 byte-level BPE with the domain's fixed strings added as whole tokens: each expression, the
 counts `` *N`` and the separators. A separator joins the piece before it in both formats
 alike (``LABEL| `` in full-length descriptors, `` *N| `` and `` *N\\n `` closing an R-RLE run),
@@ -19,7 +19,7 @@ from ..descriptors.codec import OTHERS, ROW_SEP, RUN_SEP
 from ..inference.settings import read_record, write_record
 from .synth import expressions
 
-IMAGE_SIZE, PATCH = 224, 14
+IMAGE_SIZE, VISION_GRID = 224, 16  # default input side; vision tokens per side at any input size
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
@@ -68,14 +68,15 @@ def training_corpus() -> list[str]:
     return texts
 
 
-def build_model(tokenizer, vision_hidden=192, vision_layers=4, text_hidden=256, text_layers=4, seed=0):
+def build_model(tokenizer, vision_hidden=192, vision_layers=4, text_hidden=256, text_layers=4, seed=0,
+                image_size=IMAGE_SIZE):
     """A freshly initialised tiny LLaVA for ``tokenizer``."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
                               num_hidden_layers=vision_layers, num_attention_heads=vision_hidden // 64,
-                              image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=vision_hidden)
+                              image_size=image_size, patch_size=image_size // VISION_GRID, projection_dim=vision_hidden)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=int(text_hidden * 2.75),
                        num_hidden_layers=text_layers, num_attention_heads=text_hidden // 64,
                        num_key_value_heads=text_hidden // 64, max_position_embeddings=1024,
@@ -83,18 +84,18 @@ def build_model(tokenizer, vision_hidden=192, vision_layers=4, text_hidden=256, 
                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_index=tokenizer.convert_tokens_to_ids(prompts.IMAGE),
-                         image_seq_length=(IMAGE_SIZE // PATCH) ** 2, vision_feature_layer=-1,
+                         image_seq_length=VISION_GRID ** 2, vision_feature_layer=-1,
                          vision_feature_select_strategy="default", tie_word_embeddings=True)
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(config)
 
 
-def build_image_processor():
-    """Stretch to 224 x 224 (no crop), CLIP normalisation: the reference's preprocessing."""
+def build_image_processor(image_size: int = IMAGE_SIZE):
+    """Stretch to a square (no crop), CLIP normalisation: the reference's preprocessing."""
     from transformers import CLIPImageProcessor
 
-    return CLIPImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False,
-                              crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=2)
+    return CLIPImageProcessor(size={"height": image_size, "width": image_size}, do_center_crop=False,
+                              crop_size={"height": image_size, "width": image_size}, resample=2)
 
 
 def save_pretrained(model, tokenizer, out: str | Path, settings: dict) -> Path:
@@ -106,7 +107,7 @@ def save_pretrained(model, tokenizer, out: str | Path, settings: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)  # half the size; loaded back as fp32
     tokenizer.save_pretrained(out)
-    build_image_processor().save_pretrained(out)
+    build_image_processor(model.config.vision_config.image_size).save_pretrained(out)
     write_record(out, settings)
     return out
 
@@ -167,6 +168,8 @@ def stage_flags(t: dict) -> str:
     flags.append(f"--focus {t['focus']} --focus-share {t['focus_share']}" if t.get("focus") else "--focus none")
     if t.get("warm_heads"):
         flags.append(f"--warm-heads {t['warm_heads']}")
+    if t.get("image_size", IMAGE_SIZE) != IMAGE_SIZE:
+        flags.append(f"--image-size {t['image_size']}")
     return " ".join(flags)
 
 
@@ -196,6 +199,7 @@ def write_card(run: str | Path) -> Path:
     settings.setdefault("metrics", {})["fixed20_grid_ciou"] = round(fixed_grid_ciou(engine), 4)
     write_record(model_dir, settings)
     params = sum(p.numel() for p in engine.model.parameters())
+    vision = engine.model.config.vision_config
     records = map(json.loads, filter(str.strip, (run / "log.jsonl").read_text().splitlines()))
     evaluations = [r for r in records if "grid_ciou" in r]  # none from a stage run with --eval-queries 0
     t = settings["training"]
@@ -210,7 +214,7 @@ def write_card(run: str | Path) -> Path:
         "(the question before the image).",
         "",
         f"- architecture: transformers `LlavaForConditionalGeneration`, CLIP-style tower 192 x 4 layers at "
-        f"224 px / 14 px patches, 2-layer MLP projector, Llama 256 x {t['text_layers']} layers; {params / 1e6:.2f}M parameters",
+        f"{vision.image_size} px / {vision.patch_size} px patches, 2-layer MLP projector, Llama 256 x {t['text_layers']} layers; {params / 1e6:.2f}M parameters",
         f"- tokenizer: byte-level BPE, {TOKENIZER_SUMMARY[t.get('label_tokens', 'whole')]}",
         (f"- training: {t['steps']} steps of batch {t['batch']} (fresh synthetic samples, seed {t['seed']}), AdamW "
          f"{t['lr']}, {'bf16 autocast' if t['bf16'] else 'fp32'}, {t['minutes']} minutes wall time "

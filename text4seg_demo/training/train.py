@@ -75,6 +75,7 @@ class TrainConfig:
     focus: str | None = "side,size"  # query kinds (synth.KINDS, comma-separated) drawn more often than the rest
     focus_share: float = 0.4  # the share of scenes made for ``focus``; the rest draw a kind uniformly
     warm_heads: int = 0  # first steps that move only the training heads (see train)
+    image_size: int = tiny.IMAGE_SIZE  # the tower's input side, in 16 x 16 patches (an init's are resized: fit_patches)
 
 
 class AuxHeads(nn.Module):
@@ -256,7 +257,7 @@ def _initialise(model, heads, init: str, tokenizer) -> str:
     if (source / "checkpoint.pt").exists():
         start = torch.load(source / "checkpoint.pt", weights_only=False, map_location="cpu")
         if "tower" in start:  # a tower stage (tower.py): the rest starts afresh
-            model.model.vision_tower.load_state_dict(start["tower"])
+            model.model.vision_tower.load_state_dict(fit_patches(start["tower"], model.model.vision_tower))
             return f"vision tower initialised from the tower stage {init} (step {start['step']})"
         _load_weights(model, start["model"], init)
         heads.load_state_dict(start["heads"])
@@ -276,11 +277,32 @@ def _initialise(model, heads, init: str, tokenizer) -> str:
 EMBEDDINGS = ("model.language_model.embed_tokens.weight", "lm_head.weight")  # tied: one matrix
 
 
+def fit_patches(weights: dict, model) -> dict:
+    """``weights`` with a patch embedding of a lower-resolution tower made fit for ``model``'s.
+
+    Its patches are ``f`` times as wide now, over ``f`` times as many pixels: each kernel weight
+    is spread over the ``f x f`` pixels that its one pixel became, divided by ``f²``, so a patch
+    reads the same average colours as before and the model answers as it did (area resizing
+    aside), free to learn the finer detail."""
+    ours = model.state_dict()
+    fitted = dict(weights)
+    for key, kernel in weights.items():
+        target = ours[key].shape
+        if key.endswith("patch_embedding.weight") and kernel.shape != target:
+            f = target[-1] // kernel.shape[-1]
+            if f * kernel.shape[-1] != target[-1]:
+                raise ValueError(f"a {kernel.shape[-1]} px patch embedding cannot become a {target[-1]} px one: "
+                                 "give an --image-size that is a whole multiple of the starting model's")
+            fitted[key] = kernel.repeat_interleave(f, -2).repeat_interleave(f, -1) / f**2
+    return fitted
+
+
 def _load_weights(model, weights: dict, init: str, theirs=None, ours=None) -> int:
     """Load a whole model's weights; return how many tokens ``ours`` adds to ``theirs``, the
     tokenizer they were trained with. A token they lack starts as the mean of the rows of the
     pieces ``theirs`` writes it with: it reads about as they did, and as its logit is their
     mean it cannot outscore them, so greedy answers are unchanged until training moves it."""
+    weights = fit_patches(weights, model)
     old = weights[EMBEDDINGS[0]]
     size = model.state_dict()[EMBEDDINGS[0]].shape[0]
     if old.shape[0] == size:
@@ -321,8 +343,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
                              "workers": cfg.workers})
     device = choose_device()
     tokenizer = tiny.build_tokenizer(tiny.training_corpus(), label_tokens=cfg.label_tokens)
-    processor = tiny.build_image_processor()
-    model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed)
+    processor = tiny.build_image_processor(cfg.image_size)
+    model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed, image_size=cfg.image_size)
     heads = AuxHeads(model.config.text_config.hidden_size, cfg.grid)
     if state is None and cfg.init:
         log(_initialise(model, heads, cfg.init, tokenizer))
@@ -375,7 +397,7 @@ def _load_run(run: str | Path):
     state = torch.load(Path(run) / "checkpoint.pt", weights_only=False, map_location="cpu")
     cfg = TrainConfig(**state["config"])
     tokenizer = tiny.build_tokenizer(tiny.training_corpus(), label_tokens=cfg.label_tokens)
-    model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed)
+    model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed, image_size=cfg.image_size)
     model.load_state_dict(state["model"])
     return state, cfg, tokenizer, model
 
@@ -386,7 +408,7 @@ def probe(run: str | Path, n: int = 32) -> dict:
     at the image positions, the row head's cIoU on the row being written, and how often the
     row head knows which row that is; then what the vision tower alone tells (:func:`tower_probe`)."""
     state, cfg, tokenizer, model = _load_run(run)
-    processor = tiny.build_image_processor()
+    processor = tiny.build_image_processor(cfg.image_size)
     heads = AuxHeads(model.config.text_config.hidden_size, cfg.grid)
     heads.load_state_dict(state["heads"])
     model.eval()
