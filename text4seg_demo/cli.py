@@ -46,7 +46,8 @@ def _share(text: str) -> float:
 def _image_size(text: str) -> int:
     value = int(text)
     if value <= 0 or value % 16:
-        raise argparse.ArgumentTypeError(f"the image size must be a positive multiple of 16 (16 x 16 patches), got {value}")
+        raise argparse.ArgumentTypeError(f"the image size must be a positive multiple of 16 (16 x 16 patches), "
+                                         f"got {value}")
     return value
 
 
@@ -231,7 +232,8 @@ def cmd_train_tiny(args) -> int:
                       freeze_tower=args.freeze_tower, label_tokens=args.label_tokens,
                       image_attention=args.image_attention, contrast=args.contrast,
                       colour_rivals=args.colour_rivals, focus=args.focus, focus_share=args.focus_share,
-                      warm_heads=args.warm_heads, image_size=args.image_size, bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
+                      warm_heads=args.warm_heads, image_size=args.image_size,
+                      bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
     path = train(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"model written to {path}", file=sys.stderr)
     return 0
