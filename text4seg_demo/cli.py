@@ -44,10 +44,12 @@ def _share(text: str) -> float:
 
 
 def _image_size(text: str) -> int:
+    from .training.tiny import VISION_GRID
+
     value = int(text)
-    if value <= 0 or value % 16:
-        raise argparse.ArgumentTypeError(f"the image size must be a positive multiple of 16 (16 x 16 patches), "
-                                         f"got {value}")
+    if value <= 0 or value % VISION_GRID:
+        raise argparse.ArgumentTypeError(f"the image size must be a positive multiple of {VISION_GRID} "
+                                         f"({VISION_GRID} x {VISION_GRID} patches), got {value}")
     return value
 
 

@@ -3,9 +3,10 @@
 Architecture: a CLIP-style vision tower reading an image as 16 x 16 patches (224 px in 14 px
 patches by default; ``--image-size`` gives more pixels to the same 16 x 16 vision tokens), a
 2-layer MLP projector and a small Llama. The tokenizer is a byte-level BPE with the domain's
-fixed strings added as whole tokens: each expression, the counts `` *N`` and the separators. A separator joins the piece before it in both formats
-alike (``LABEL| `` in full-length descriptors, `` *N| `` and `` *N\\n `` closing an R-RLE run),
-so neither format pays a token per separator. It still encodes any text, and decodes exactly.
+fixed strings added as whole tokens: each expression, the counts `` *N`` and the separators. A
+separator joins the piece before it in both formats alike (``LABEL| `` in full-length
+descriptors, `` *N| `` and `` *N\\n `` closing an R-RLE run), so neither format pays a token per
+separator. It still encodes any text, and decodes exactly.
 Its ``words`` variant spells expressions in words (``the``, `` red``, `` circle``); measured, a
 model learns to ground them more slowly.
 """

@@ -286,9 +286,9 @@ def fit_patches(weights: dict, model) -> dict:
     aside), free to learn the finer detail."""
     ours = model.state_dict()
     fitted = dict(weights)
-    for key, kernel in weights.items():
-        target = ours[key].shape
-        if key.endswith("patch_embedding.weight") and kernel.shape != target:
+    for key in (k for k in weights if k.endswith("patch_embedding.weight") and k in ours):
+        kernel, target = weights[key], ours[key].shape
+        if kernel.shape != target:
             f = target[-1] // kernel.shape[-1]
             if f * kernel.shape[-1] != target[-1]:
                 raise ValueError(f"a {kernel.shape[-1]} px patch embedding cannot become a {target[-1]} px one: "
