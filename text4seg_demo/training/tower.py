@@ -113,40 +113,50 @@ def accuracy(tower, head: PatchHead, pixels, labels, grid: int) -> dict:
             "colour_accuracy": (head.colour(h).argmax(-1) == colour)[on_shape].float().mean().item()}
 
 
+def _probe_patches(model, processor, grid: int, maker: synth.SceneMaker, n: int):
+    """The tower's features of the shape patches of ``n`` scenes (the feature layer a LLaVA reads),
+    their kind and colour (0-based) and whether their shape is small (at most 4 patches)."""
+    features, labels = [], []
+    for i in range(n):
+        image, visible, shapes = maker.scene(synth.KINDS[i % len(synth.KINDS)])
+        pixels = processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
+        states = model.model.vision_tower(pixels.to(model.dtype), output_hidden_states=True).hidden_states
+        kind, colour, instance = patch_labels(visible, shapes, grid)
+        on_shape = kind > 0
+        small = np.bincount(instance, minlength=len(shapes) + 1)[instance] <= 4
+        features.append(states[model.config.vision_feature_layer][0, -grid * grid:][torch.from_numpy(on_shape)].float())
+        labels.append(torch.from_numpy(np.stack([kind - 1, colour - 1, small])[:, on_shape]))
+    return torch.cat(features), torch.cat(labels, 1)
+
+
 @torch.no_grad()
 def tower_probe(model, processor, grid: int, n_fit: int = 400, n_test: int = 100, seed: int = 4242) -> dict:
     """What a LLaVA's vision tower alone knows of each patch: the accuracy of linear probes,
     fitted on its frozen features of generated scenes, for the kind and the colour of the shape
     under the patch centre (shape patches only), each beside the share of the commonest class,
-    which a probe reaches by guessing."""
-    maker = synth.SceneMaker(seed)
-    features, labels = [], []
-    for n in range(n_fit + n_test):
-        image, visible, shapes = maker.scene(synth.KINDS[n % len(synth.KINDS)])
-        pixels = processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
-        states = model.model.vision_tower(pixels.to(model.dtype), output_hidden_states=True).hidden_states
-        kind, colour, _ = patch_labels(visible, shapes, grid)
-        on_shape = kind > 0
-        features.append(states[model.config.vision_feature_layer][0, -grid * grid:][torch.from_numpy(on_shape)].float())
-        labels.append(torch.from_numpy(np.stack([kind[on_shape], colour[on_shape]]) - 1))
-    split = sum(part.shape[1] for part in labels[:n_fit])
-    x = torch.cat(features)
-    x = (x - x[:split].mean(0)) / (x[:split].std(0) + 1e-6)
+    which a probe reaches by guessing; then the same probes on small shapes (4 patches at most)
+    and on scenes of the shifted split's generator, which the probes never saw either."""
+    fit_x, fit_y = _probe_patches(model, processor, grid, synth.SceneMaker(seed), n_fit)
+    tests = {"": _probe_patches(model, processor, grid, synth.SceneMaker(seed + 1), n_test),
+             "shifted_": _probe_patches(model, processor, grid, synth.SceneMaker(seed + 1, synth.SHIFTED), n_test)}
+    mean, std = fit_x.mean(0), fit_x.std(0) + 1e-6
     accuracy = {}
     torch.manual_seed(seed)
     for row, (name, classes) in enumerate((("shape", len(synth.SHAPES)), ("colour", len(COLOURS)))):
-        y = torch.cat([part[row] for part in labels])
+        linear = nn.Linear(fit_x.shape[1], classes)
         with torch.enable_grad():
-            linear = nn.Linear(x.shape[1], classes)
             opt = torch.optim.Adam(linear.parameters(), lr=1e-2)
             for _ in range(300):
-                loss = F.cross_entropy(linear(x[:split]), y[:split])
+                loss = F.cross_entropy(linear((fit_x - mean) / std), fit_y[row])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-        test = y[split:]
-        accuracy[f"tower_{name}_accuracy"] = (linear(x[split:]).argmax(-1) == test).float().mean().item()
-        accuracy[f"tower_{name}_commonest"] = test.bincount().max().item() / len(test)
+        for split, (x, y) in tests.items():
+            right = linear((x - mean) / std).argmax(-1) == y[row]
+            small = y[2].bool()
+            accuracy[f"tower_{split}{name}_accuracy"] = right.float().mean().item()
+            accuracy[f"tower_{split}{name}_accuracy_small"] = right[small].float().mean().item()
+            accuracy[f"tower_{split}{name}_commonest"] = y[row].bincount().max().item() / y.shape[1]
     return accuracy
 
 
