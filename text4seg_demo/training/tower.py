@@ -31,6 +31,7 @@ from .steps import Run, descend
 
 COLOURS = list(synth.COLOURS)
 BACKGROUND_WEIGHT = 0.3  # most patches are background: weigh them down in the per-patch losses
+SMALL = 4  # patches: a shape covering at most this many counts as small in the accuracies
 
 
 @dataclass
@@ -101,12 +102,12 @@ def losses(tower, head: PatchHead, pixels, labels, grid: int, pool_weight: float
 
 @torch.no_grad()
 def accuracy(tower, head: PatchHead, pixels, labels, grid: int) -> dict:
-    """Kind and colour accuracy on shape patches; 'small' is patches of shapes covering at most 4."""
+    """Kind and colour accuracy on shape patches; 'small' is patches of :data:`SMALL` shapes."""
     h = torch.cat([features(tower, pixels[i:i + 50], grid) for i in range(0, len(pixels), 50)])
     kind, colour, instance = labels[:, 0], labels[:, 1], labels[:, 2]
     on_shape = kind > 0
     sizes = torch.stack([torch.bincount(row, minlength=grid * grid + 1) for row in instance])
-    small = on_shape & (torch.gather(sizes, 1, instance) <= 4)
+    small = on_shape & (torch.gather(sizes, 1, instance) <= SMALL)
     right = head.kind(h).argmax(-1) == kind
     return {"kind_accuracy": right[on_shape].float().mean().item(),
             "small_kind_accuracy": right[small].float().mean().item(),
@@ -115,7 +116,7 @@ def accuracy(tower, head: PatchHead, pixels, labels, grid: int) -> dict:
 
 def _probe_patches(model, processor, grid: int, maker: synth.SceneMaker, n: int):
     """The tower's features of the shape patches of ``n`` scenes (the feature layer a LLaVA reads),
-    their kind and colour (0-based) and whether their shape is small (at most 4 patches)."""
+    their kind and colour (0-based) and whether their shape is :data:`SMALL`."""
     features, labels = [], []
     for i in range(n):
         image, visible, shapes = maker.scene(synth.KINDS[i % len(synth.KINDS)])
@@ -123,7 +124,7 @@ def _probe_patches(model, processor, grid: int, maker: synth.SceneMaker, n: int)
         states = model.model.vision_tower(pixels.to(model.dtype), output_hidden_states=True).hidden_states
         kind, colour, instance = patch_labels(visible, shapes, grid)
         on_shape = kind > 0
-        small = np.bincount(instance, minlength=len(shapes) + 1)[instance] <= 4
+        small = np.bincount(instance, minlength=len(shapes) + 1)[instance] <= SMALL
         features.append(states[model.config.vision_feature_layer][0, -grid * grid:][torch.from_numpy(on_shape)].float())
         labels.append(torch.from_numpy(np.stack([kind - 1, colour - 1, small])[:, on_shape]))
     return torch.cat(features), torch.cat(labels, 1)
@@ -134,12 +135,13 @@ def tower_probe(model, processor, grid: int, n_fit: int = 400, n_test: int = 100
     """What a LLaVA's vision tower alone knows of each patch: the accuracy of linear probes,
     fitted on its frozen features of generated scenes, for the kind and the colour of the shape
     under the patch centre (shape patches only), each beside the share of the commonest class,
-    which a probe reaches by guessing; then the same probes on small shapes (4 patches at most)
+    which a probe reaches by guessing; then the same probes on :data:`SMALL` shapes
     and on scenes of the shifted split's generator, which the probes never saw either."""
     fit_x, fit_y = _probe_patches(model, processor, grid, synth.SceneMaker(seed), n_fit)
     tests = {"": _probe_patches(model, processor, grid, synth.SceneMaker(seed + 1), n_test),
              "shifted_": _probe_patches(model, processor, grid, synth.SceneMaker(seed + 1, synth.SHIFTED), n_test)}
     mean, std = fit_x.mean(0), fit_x.std(0) + 1e-6
+    fit_x = (fit_x - mean) / std
     accuracy = {}
     torch.manual_seed(seed)
     for row, (name, classes) in enumerate((("shape", len(synth.SHAPES)), ("colour", len(COLOURS)))):
@@ -147,7 +149,7 @@ def tower_probe(model, processor, grid: int, n_fit: int = 400, n_test: int = 100
         with torch.enable_grad():
             opt = torch.optim.Adam(linear.parameters(), lr=1e-2)
             for _ in range(300):
-                loss = F.cross_entropy(linear((fit_x - mean) / std), fit_y[row])
+                loss = F.cross_entropy(linear(fit_x), fit_y[row])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
