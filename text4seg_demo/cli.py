@@ -234,7 +234,7 @@ def cmd_train_tiny(args) -> int:
                       freeze_tower=args.freeze_tower, label_tokens=args.label_tokens,
                       image_attention=args.image_attention, contrast=args.contrast,
                       colour_rivals=args.colour_rivals, focus=args.focus, focus_share=args.focus_share,
-                      warm_heads=args.warm_heads, image_size=args.image_size,
+                      warm_heads=args.warm_heads, image_size=args.image_size, perception=args.perception,
                       bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
     path = train(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"model written to {path}", file=sys.stderr)
@@ -467,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--image-size", type=_image_size, default=224, metavar="PX",
                     help="the vision tower's input side, a multiple of 16: 16 x 16 patches of PX/16 px. Above the "
                          "--init model's, its patch embedding is resized to answer as before (default 224)")
+    tt.add_argument("--perception", type=float, default=0.0, metavar="WEIGHT",
+                    help="go on teaching the vision tower shape kinds and colours per patch, with the tower stage's "
+                         "loss on as many extra scenes as the batch, at this weight (default 0: no such loss)")
     tt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     tt.add_argument("--init", type=Path, help="start from another run's checkpoint: a tower stage, or a LLaVA stage (e.g. R-RLE after full-length)")
     tt.add_argument("--freeze-tower", action="store_true",

@@ -3,7 +3,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from transformers import LlavaForConditionalGeneration
 
+from text4seg_demo.inference.hub import PRESETS
 from text4seg_demo.training import steps, synth, tiny, tower, train
 
 
@@ -100,3 +102,20 @@ def test_a_llava_stage_starts_from_a_tower_stage_keeps_it_frozen_and_records_it(
     assert projector in after and not torch.equal(after[projector], fresh[projector])  # the rest did train
     lineage = json.loads((model_dir / "text4seg.json").read_text())["training"]["lineage"]
     assert [stage.get("stage") for stage in lineage] == ["tower"] and lineage[0]["steps"] == 3
+
+
+@pytest.mark.slow
+def test_a_head_fitted_to_a_trained_tower_reads_it_and_leaves_it_as_it_was():
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration.from_pretrained(PRESETS["tiny-rrle"].source, dtype=torch.float32)
+    vision, processor = model.model.vision_tower, tiny.build_image_processor()
+    before = {name: value.clone() for name, value in vision.state_dict().items()}
+    head = tower.PatchHead(vision.config.hidden_size)
+    pixels, labels = tower.scenes(synth.SceneMaker(7), 32, processor, 16)
+    with torch.no_grad():
+        fresh = tower.losses(vision, head, pixels, labels, 16, pool_weight=1.0).item()
+    fitted = tower.fit_head(vision, head, processor, 16, synth.SceneMaker(6), n=128)
+    assert fitted < 0.5 < fresh  # a fresh head misreads the tower's features; the fitted one reads them
+    assert all(torch.equal(value, before[name]) for name, value in vision.state_dict().items())
+    read = tower.accuracy(vision, head, pixels, labels, 16)  # on scenes the fit never saw
+    assert read["kind_accuracy"] > 0.75 and read["colour_accuracy"] > 0.9

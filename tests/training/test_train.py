@@ -239,3 +239,25 @@ def test_after_its_warm_heads_steps_the_model_warms_up_and_ends_where_the_heads_
     assert train.rates(399, cfg, 1500)[0] == pytest.approx(1e-4)
     assert train.rates(1499, cfg, 1500) == pytest.approx((1e-5, 1e-5), rel=0.01)
     assert train.rates(0, train.TrainConfig(out="unused", lr=1e-4), 1500) == pytest.approx((1e-6, 1e-6))
+
+
+@pytest.mark.slow
+def test_perception_stages_and_plain_ones_follow_each_other_either_way(tmp_path):
+    common = dict(text_layers=2, batch=2, steps=1, eval_queries=0, lr=1e-3, warmup=1)
+    runs = {name: train.TrainConfig(out=str(tmp_path / name), **common) for name in ("plain", "seeing", "plain-again")}
+    runs["seeing"].init, runs["seeing"].perception = runs["plain"].out, 1.0
+    runs["plain-again"].init = runs["seeing"].out
+    messages = []
+    for cfg in runs.values():
+        train.train(cfg, log=messages.append)
+
+    def heads(name):
+        return torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["heads"]
+
+    assert [m.split(" (")[0] for m in messages if m.startswith(("initialised", "perception"))] == [
+        f"initialised from the run {runs['plain'].out}", "perception head fitted to the starting tower",
+        f"initialised from the run {runs['seeing'].out}"]
+    assert any(key.startswith("perception.") for key in heads("seeing"))
+    assert not any(key.startswith("perception.") for key in heads("plain-again"))
+    train.train(train.TrainConfig(out=runs["seeing"].out, steps=2), resume=True, log=lambda m: None)
+    assert torch.load(tmp_path / "seeing" / "checkpoint.pt", weights_only=False)["step"] == 2

@@ -84,7 +84,11 @@ def features(tower, pixels: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 def losses(tower, head: PatchHead, pixels, labels, grid: int, pool_weight: float) -> torch.Tensor:
-    h = features(tower, pixels, grid)
+    return head_losses(head, features(tower, pixels, grid), labels, pool_weight)
+
+
+def head_losses(head: PatchHead, h: torch.Tensor, labels, pool_weight: float) -> torch.Tensor:
+    """Per-patch kind and colour losses on features ``h``, plus the kind of each shape's mean feature."""
     kind, colour, instance = labels[:, 0], labels[:, 1], labels[:, 2]
     w_kind = torch.tensor([BACKGROUND_WEIGHT] + [1.0] * len(synth.SHAPES), device=h.device)
     w_colour = torch.tensor([BACKGROUND_WEIGHT] + [1.0] * len(COLOURS), device=h.device)
@@ -98,6 +102,27 @@ def losses(tower, head: PatchHead, pixels, labels, grid: int, pool_weight: float
         1, (instance - 1).clamp(min=0), kind, reduce="amax")
     present = count > 0
     return loss + pool_weight * F.cross_entropy(head.kind(pooled[present]), shape_kind[present])
+
+
+def fit_head(tower, head: PatchHead, processor, grid: int, maker: synth.SceneMaker, n: int = 256,
+             steps: int = 300, pool_weight: float = 1.0) -> float:
+    """Fit ``head`` to a trained ``tower``'s frozen features of ``n`` scenes; return its final loss.
+
+    A stage that adds the tower's own loss (``train-tiny --perception``) starts with this: a fresh
+    head on features of a large scale reads them badly, and its large first losses would rewrite
+    the tower before the head had learnt to read it."""
+    device = next(tower.parameters()).device
+    pixels, labels = scenes(maker, n, processor, grid)
+    with torch.no_grad():
+        h = torch.cat([features(tower, pixels[i:i + 32].to(device), grid) for i in range(0, n, 32)]).float()
+    labels = labels.to(device)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = head_losses(head, h, labels, pool_weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item()
 
 
 @torch.no_grad()

@@ -40,8 +40,8 @@ from ..inference.positions import AnswerPositions
 from ..inference.settings import Settings, read_record
 from ..masks import to_grid
 from . import synth, tiny
+from . import tower
 from .steps import Run, descend
-from .tower import tower_probe
 
 PROMPT_STYLE = "question_first"
 POS_WEIGHT = 3.0  # target patches are few: weigh them up in the auxiliary losses
@@ -76,16 +76,20 @@ class TrainConfig:
     focus_share: float = 0.4  # the share of scenes made for ``focus``; the rest draw a kind uniformly
     warm_heads: int = 0  # first steps that move only the training heads (see train)
     image_size: int = tiny.IMAGE_SIZE  # the tower's input side, in 16 x 16 patches (an init's are resized: fit_patches)
+    perception: float = 0.0  # weight of the tower stage's kind and colour loss, on as many extra scenes; 0: none
 
 
 class AuxHeads(nn.Module):
-    """Training-only heads: patch membership at image positions, row read-out at answer positions."""
+    """Training-only heads: patch membership at image positions, row read-out at answer positions
+    and, given ``vision_hidden``, the tower stage's kind and colour head on the tower's features
+    (``--perception``: the sparse answer loss alone teaches small shapes' kinds slowly)."""
 
-    def __init__(self, hidden: int, grid: int):
+    def __init__(self, hidden: int, grid: int, vision_hidden: int | None = None):
         super().__init__()
         self.patch = nn.Linear(hidden, 1)
         self.row_cells = nn.Linear(hidden, grid)
         self.row_index = nn.Linear(hidden, grid + 1)
+        self.perception = tower.PatchHead(vision_hidden) if vision_hidden else None
 
 
 def encode_example(tokenizer, processor, image, expression, mask, fmt, grid, rng: random.Random,
@@ -260,7 +264,7 @@ def _initialise(model, heads, init: str, tokenizer) -> str:
             model.model.vision_tower.load_state_dict(fit_patches(start["tower"], model.model.vision_tower))
             return f"vision tower initialised from the tower stage {init} (step {start['step']})"
         _load_weights(model, start["model"], init)
-        heads.load_state_dict(start["heads"])
+        heads.load_state_dict(_answer_heads(start["heads"]), strict=heads.perception is None)
         return f"initialised from the run {init} (step {start['step']}, {start['config']['fmt']})"
     if (source / "model.safetensors").exists():
         from transformers import LlavaForConditionalGeneration
@@ -272,6 +276,11 @@ def _initialise(model, heads, init: str, tokenizer) -> str:
         return (f"initialised from the saved model {source} (training heads start afresh"
                 + (f"; {added} new tokens start as the mean of the pieces they replace)" if added else ")"))
     raise FileNotFoundError(f"--init {init}: no checkpoint.pt or model.safetensors in {source}")
+
+
+def _answer_heads(weights: dict) -> dict:
+    """A run's training heads but the perception head, which every stage fits anew (train)."""
+    return {key: value for key, value in weights.items() if not key.startswith("perception.")}
 
 
 EMBEDDINGS = ("model.language_model.embed_tokens.weight", "lm_head.weight")  # tied: one matrix
@@ -345,11 +354,16 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     tokenizer = tiny.build_tokenizer(tiny.training_corpus(), label_tokens=cfg.label_tokens)
     processor = tiny.build_image_processor(cfg.image_size)
     model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed, image_size=cfg.image_size)
-    heads = AuxHeads(model.config.text_config.hidden_size, cfg.grid)
+    heads = AuxHeads(model.config.text_config.hidden_size, cfg.grid,
+                     model.config.vision_config.hidden_size if cfg.perception else None)
     if state is None and cfg.init:
         log(_initialise(model, heads, cfg.init, tokenizer))
     model.to(device)
     heads.to(device)
+    if state is None and heads.perception is not None:
+        loss = tower.fit_head(model.model.vision_tower, heads.perception, processor, cfg.grid,
+                              synth.SceneMaker(cfg.seed + 10**5))
+        log(f"perception head fitted to the starting tower (loss {loss:.3f})")
     model.model.vision_tower.requires_grad_(not cfg.freeze_tower)
     groups = [[p for p in module.parameters() if p.requires_grad] for module in (model, heads)]
     params = [*groups[0], *groups[1]]
@@ -374,21 +388,29 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         run.record(grid_ciou(model, tokenizer, processor, queries, cfg) if queries else {}, log)
 
     def make(numpy_rng, rng):
-        return collate([encode_example(tokenizer, processor, *triple, cfg.fmt, cfg.grid, rng, cfg.positions)
-                        for triple in batch_triples(synth.SceneMaker(numpy_rng), cfg)], tokenizer.pad_token_id)
+        maker = synth.SceneMaker(numpy_rng)
+        batch = collate([encode_example(tokenizer, processor, *triple, cfg.fmt, cfg.grid, rng, cfg.positions)
+                         for triple in batch_triples(maker, cfg)], tokenizer.pad_token_id)
+        if cfg.perception:  # drawn after the batch, which stays as it would be without them
+            batch["scene_pixels"], batch["scene_labels"] = tower.scenes(maker, cfg.batch, processor, cfg.grid)
+        return batch
 
     for batch in run.batches(make, cfg.seed, cfg.steps, cfg.workers, budget, cfg.eval_every_min, checkpoint):
         batch = {key: value.to(device) for key, value in batch.items()}
         opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = rates(run.step, cfg, est_total)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             lm, patch, row = losses(model, heads, batch, cfg.grid, cfg.image_attention)
-        loss = lm + cfg.patch_weight * patch + cfg.row_weight * row
+            perception = tower.losses(model.model.vision_tower, heads.perception, batch["scene_pixels"],
+                                      batch["scene_labels"], cfg.grid, tower.TowerConfig.pool_weight
+                                      ) if cfg.perception else torch.zeros(())
+        loss = lm + cfg.patch_weight * patch + cfg.row_weight * row + cfg.perception * perception
         descend(opt, params, loss)
         done, minutes = run.step + 1, run.minutes()
         if cfg.steps is None:
             est_total = max(done + 1, int(done * budget / max(minutes, 1e-6)))
         if done % 20 == 0:
-            log(f"step {done} {minutes:.1f} min lm {lm.item():.4f} patch {patch.item():.4f} row {row.item():.4f}")
+            log(f"step {done} {minutes:.1f} min lm {lm.item():.4f} patch {patch.item():.4f} row {row.item():.4f}"
+                + (f" perception {perception.item():.4f}" if cfg.perception else ""))
     return export(run.out)
 
 
@@ -409,7 +431,8 @@ def probe(run: str | Path, n: int = 32) -> dict:
     row head knows which row that is; then what the vision tower alone tells (:func:`tower_probe`)."""
     state, cfg, tokenizer, model = _load_run(run)
     processor = tiny.build_image_processor(cfg.image_size)
-    heads = AuxHeads(model.config.text_config.hidden_size, cfg.grid)
+    heads = AuxHeads(model.config.text_config.hidden_size, cfg.grid,
+                     model.config.vision_config.hidden_size if cfg.perception else None)
     heads.load_state_dict(state["heads"])
     model.eval()
     rng, counts = random.Random(0), np.zeros(6)
@@ -430,7 +453,7 @@ def probe(run: str | Path, n: int = 32) -> dict:
             "row_head_ciou": counts[2] / max(counts[3], 1), "row_index_accuracy": counts[4] / max(counts[5], 1),
             **colour_pairs(model, tokenizer, processor, cfg),
             **(_expression_similarity(model, tokenizer) if cfg.label_tokens == "whole" else {}),
-            **tower_probe(model, processor, cfg.grid)}
+            **tower.tower_probe(model, processor, cfg.grid)}
 
 
 @torch.no_grad()
