@@ -105,7 +105,7 @@ def head_losses(head: PatchHead, h: torch.Tensor, labels, pool_weight: float) ->
 
 
 def fit_head(tower, head: PatchHead, processor, grid: int, maker: synth.SceneMaker, n: int = 256,
-             steps: int = 300, pool_weight: float = 1.0) -> float:
+             steps: int = 300, pool_weight: float = TowerConfig.pool_weight) -> float:
     """Fit ``head`` to a trained ``tower``'s frozen features of ``n`` scenes; return its final loss.
 
     A stage that adds the tower's own loss (``train-tiny --perception``) starts with this: a fresh

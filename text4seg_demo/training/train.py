@@ -39,8 +39,7 @@ from ..inference.devices import choose_device, describe, native_bf16
 from ..inference.positions import AnswerPositions
 from ..inference.settings import Settings, read_record
 from ..masks import to_grid
-from . import synth, tiny
-from . import tower
+from . import synth, tiny, tower
 from .steps import Run, descend
 
 PROMPT_STYLE = "question_first"
@@ -90,6 +89,12 @@ class AuxHeads(nn.Module):
         self.row_cells = nn.Linear(hidden, grid)
         self.row_index = nn.Linear(hidden, grid + 1)
         self.perception = tower.PatchHead(vision_hidden) if vision_hidden else None
+
+    @classmethod
+    def of_run(cls, model, cfg: TrainConfig) -> AuxHeads:
+        """The heads a run with ``cfg`` trains beside ``model``."""
+        return cls(model.config.text_config.hidden_size, cfg.grid,
+                   model.config.vision_config.hidden_size if cfg.perception else None)
 
 
 def encode_example(tokenizer, processor, image, expression, mask, fmt, grid, rng: random.Random,
@@ -264,7 +269,7 @@ def _initialise(model, heads, init: str, tokenizer) -> str:
             model.model.vision_tower.load_state_dict(fit_patches(start["tower"], model.model.vision_tower))
             return f"vision tower initialised from the tower stage {init} (step {start['step']})"
         _load_weights(model, start["model"], init)
-        heads.load_state_dict(_answer_heads(start["heads"]), strict=heads.perception is None)
+        heads.load_state_dict({**heads.state_dict(), **_answer_heads(start["heads"])})
         return f"initialised from the run {init} (step {start['step']}, {start['config']['fmt']})"
     if (source / "model.safetensors").exists():
         from transformers import LlavaForConditionalGeneration
@@ -354,8 +359,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     tokenizer = tiny.build_tokenizer(tiny.training_corpus(), label_tokens=cfg.label_tokens)
     processor = tiny.build_image_processor(cfg.image_size)
     model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed, image_size=cfg.image_size)
-    heads = AuxHeads(model.config.text_config.hidden_size, cfg.grid,
-                     model.config.vision_config.hidden_size if cfg.perception else None)
+    heads = AuxHeads.of_run(model, cfg)
     if state is None and cfg.init:
         log(_initialise(model, heads, cfg.init, tokenizer))
     model.to(device)
@@ -400,9 +404,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = rates(run.step, cfg, est_total)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             lm, patch, row = losses(model, heads, batch, cfg.grid, cfg.image_attention)
-            perception = tower.losses(model.model.vision_tower, heads.perception, batch["scene_pixels"],
-                                      batch["scene_labels"], cfg.grid, tower.TowerConfig.pool_weight
-                                      ) if cfg.perception else torch.zeros(())
+            perception = (tower.losses(model.model.vision_tower, heads.perception, batch["scene_pixels"],
+                                       batch["scene_labels"], cfg.grid, tower.TowerConfig.pool_weight)
+                          if cfg.perception else torch.zeros(()))
         loss = lm + cfg.patch_weight * patch + cfg.row_weight * row + cfg.perception * perception
         descend(opt, params, loss)
         done, minutes = run.step + 1, run.minutes()
@@ -431,8 +435,7 @@ def probe(run: str | Path, n: int = 32) -> dict:
     row head knows which row that is; then what the vision tower alone tells (:func:`tower_probe`)."""
     state, cfg, tokenizer, model = _load_run(run)
     processor = tiny.build_image_processor(cfg.image_size)
-    heads = AuxHeads(model.config.text_config.hidden_size, cfg.grid,
-                     model.config.vision_config.hidden_size if cfg.perception else None)
+    heads = AuxHeads.of_run(model, cfg)
     heads.load_state_dict(state["heads"])
     model.eval()
     rng, counts = random.Random(0), np.zeros(6)
