@@ -25,6 +25,14 @@ def test_the_recipe_is_the_stages_that_made_the_bundled_rrle_model():
         assert record["fmt"] == "rrle" and "warm_heads" not in stage.options
 
 
+def test_the_full_length_model_is_the_rrle_one_then_the_recipes_full_stage():
+    made = train._lineage("tiny-full")
+    assert made[:-1] == train._lineage("tiny-rrle")
+    expected = {**{k: getattr(train.TrainConfig, k) for k in ("fmt", *STAGE_FIELDS)}, **recipe.FULL.options}
+    assert {k: made[-1][k] for k in ("fmt", *STAGE_FIELDS)} == expected
+    assert made[-1]["init"] == made[-2]["out"]  # from the last shared stage, its heads included
+
+
 class Recorder:
     """Stands in for the tower and LLaVA stages: notes each call and writes what a stage leaves."""
 
@@ -56,7 +64,7 @@ def test_rebuild_chains_the_stages_and_continues_where_a_stop_left_it(tmp_path, 
         recipe.rebuild("full", out, log=lambda m: None)
     assert [c[0] for c in first.calls] == ["tower", "grounding", "unfrozen", "side"]
     assert [c[2] for c in first.calls[1:]] == [str(out / "tower"), str(out / "grounding"), str(out / "unfrozen")]
-    assert first.calls[1][4:] == ("full", 2e-3, 3700) and not any(c[3] for c in first.calls)
+    assert first.calls[1][4:] == ("rrle", 2e-3, 3700) and not any(c[3] for c in first.calls)
 
     again = Recorder()
     monkeypatch.setattr(tower, "train_tower", again.train_tower)
@@ -72,5 +80,21 @@ def test_rebuild_chains_the_stages_and_continues_where_a_stop_left_it(tmp_path, 
     monkeypatch.setattr(train, "train", reused.train)
     recipe.rebuild("rrle", tmp_path / "rrle", tower=out / "tower", until="grounding", log=lambda m: None)
     assert [(c[0], c[2], c[4]) for c in reused.calls] == [("grounding", str(out / "tower"), "rrle")]
-    with pytest.raises(ValueError, match=f"unknown stage 'last'.*{recipe.NAMES[-1]}"):
+    with pytest.raises(ValueError, match=f"unknown stage 'last'.*{recipe.STAGES[-1].name}$"):
         recipe.rebuild("rrle", out, until="last")
+    with pytest.raises(ValueError, match="unknown stage 'full'"):
+        recipe.rebuild("rrle", out, until="full")
+
+
+def test_the_full_length_rebuild_shares_every_stage_and_adds_its_own(tmp_path, monkeypatch):
+    first = Recorder()
+    monkeypatch.setattr(tower, "train_tower", first.train_tower)
+    monkeypatch.setattr(train, "train", first.train)
+    out = tmp_path / "runs"
+    assert recipe.rebuild("rrle", out, log=lambda m: None) == out / recipe.STAGES[-1].name
+    assert {c[4] for c in first.calls[1:]} == {"rrle"} and len(first.calls) == len(recipe.NAMES) - 1
+
+    then = Recorder()
+    monkeypatch.setattr(train, "train", then.train)
+    assert recipe.rebuild("full", out, log=lambda m: None) == out / "full"
+    assert then.calls == [("full", str(out / "full"), str(out / recipe.STAGES[-1].name), False, "full", 2e-4, 1500)]

@@ -4,7 +4,9 @@
 from the one before (weights and training heads), so rebuilding a model is one command per format.
 A finished stage (``DIR/<stage>/model``) is kept and an interrupted one resumed, so the same command
 continues a rebuild after any stop. Every stage is counted in steps, which mean the same on a GPU
-and a CPU; both formats take the same stages.
+and a CPU. Both formats take the same stages, trained on R-RLE answers (a quarter of the tokens of
+full-length ones); the full-length model then takes one stage of its own, so the two commands may
+share ``DIR`` and the second trains only that stage.
 """
 
 from __future__ import annotations
@@ -42,29 +44,33 @@ STAGES = (
     Stage("polish-7", {"steps": 1500, "lr": 1e-4, "seed": 7}),
     Stage("polish-8", {"steps": 1500, "lr": 1e-4, "seed": 8}),
 )
-NAMES = (TOWER, *(stage.name for stage in STAGES))
+# The full-length model's own stage, from the last of STAGES: the same grid, written cell by cell.
+FULL = Stage("full", {"fmt": "full", "steps": 1500, "lr": 2e-4, "seed": 11})
+NAMES = (TOWER, *(stage.name for stage in STAGES), FULL.name)
 
 
 def rebuild(fmt: str, out: str | Path, tower: str | Path | None = None, until: str | None = None,
             workers: int = 0, eval_every_min: float = 10.0, log: Callable[[str], None] = print) -> Path:
     """Run the recipe for ``fmt`` into ``out`` up to stage ``until`` (default: all); return the
-    last stage's folder. ``tower`` reuses a finished tower stage (it does not depend on the format)."""
+    last stage's folder. ``tower`` reuses a finished tower stage from elsewhere."""
     from . import tower as tower_stage
     from . import train as llava_stage
 
-    if until is not None and until not in NAMES:
-        raise ValueError(f"unknown stage {until!r}: the recipe's stages are {', '.join(NAMES)}")
+    stages = (*STAGES, FULL) if fmt == "full" else STAGES
+    names = NAMES if fmt == "full" else NAMES[:-1]
+    if until is not None and until not in names:
+        raise ValueError(f"unknown stage {until!r}: the {fmt} recipe's stages are {', '.join(names)}")
     out = Path(out)
     previous = Path(tower) if tower is not None else out / TOWER
     if tower is None and not _stage(previous, TOWER, "", log):
         tower_stage.train_tower(tower_stage.TowerConfig(out=str(previous), workers=workers,
                                                         eval_every_min=eval_every_min),
                                 resume=(previous / "checkpoint.pt").exists(), log=log)
-    for stage in STAGES if until != TOWER else ():
+    for stage in stages if until != TOWER else ():
         folder = out / stage.name
         if not _stage(folder, stage.name, f" from {previous}", log):
-            cfg = llava_stage.TrainConfig(out=str(folder), fmt=fmt, init=str(previous), workers=workers,
-                                          eval_every_min=eval_every_min, **stage.options)
+            cfg = llava_stage.TrainConfig(out=str(folder), init=str(previous), workers=workers,  # fmt: R-RLE
+                                          eval_every_min=eval_every_min, **stage.options)  # unless FULL
             llava_stage.train(cfg, resume=(folder / "checkpoint.pt").exists(), log=log)
         previous = folder
         if stage.name == until:
