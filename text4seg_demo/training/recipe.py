@@ -56,8 +56,8 @@ def rebuild(fmt: str, out: str | Path, tower: str | Path | None = None, until: s
     from . import tower as tower_stage
     from . import train as llava_stage
 
-    stages = (*STAGES, FULL) if fmt == "full" else STAGES
-    names = NAMES if fmt == "full" else NAMES[:-1]
+    stages = (*STAGES, FULL) if fmt == "full" else STAGES  # all but FULL write R-RLE, TrainConfig's default
+    names = (TOWER, *(stage.name for stage in stages))
     if until is not None and until not in names:
         raise ValueError(f"unknown stage {until!r}: the {fmt} recipe's stages are {', '.join(names)}")
     out = Path(out)
@@ -69,8 +69,8 @@ def rebuild(fmt: str, out: str | Path, tower: str | Path | None = None, until: s
     for stage in stages if until != TOWER else ():
         folder = out / stage.name
         if not _stage(folder, stage.name, f" from {previous}", log):
-            cfg = llava_stage.TrainConfig(out=str(folder), init=str(previous), workers=workers,  # fmt: R-RLE
-                                          eval_every_min=eval_every_min, **stage.options)  # unless FULL
+            cfg = llava_stage.TrainConfig(out=str(folder), init=str(previous), workers=workers,
+                                          eval_every_min=eval_every_min, **stage.options)
             llava_stage.train(cfg, resume=(folder / "checkpoint.pt").exists(), log=log)
         previous = folder
         if stage.name == until:
