@@ -221,7 +221,8 @@ def cmd_train_tiny(args) -> int:
         from .training.tower import TowerConfig, train_tower
 
         cfg = TowerConfig(out=str(args.out), grid=args.grid, seed=args.seed, eval_every_min=args.eval_every,
-                          minutes=args.minutes, workers=args.workers,
+                          minutes=args.minutes, workers=args.workers, image_size=args.image_size,
+                          init=str(args.init) if args.init else None,
                           **_given(steps=args.steps, batch=args.batch, lr=args.lr))
         train_tower(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
         print(f"tower written to {args.out / 'checkpoint.pt'}; start a LLaVA stage with --init {args.out}",
@@ -235,6 +236,7 @@ def cmd_train_tiny(args) -> int:
                       image_attention=args.image_attention, contrast=args.contrast,
                       colour_rivals=args.colour_rivals, focus=args.focus, focus_share=args.focus_share,
                       warm_heads=args.warm_heads, image_size=args.image_size, perception=args.perception,
+                      tower=str(args.tower) if args.tower else None,
                       bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
     path = train(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"model written to {path}", file=sys.stderr)
@@ -471,7 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="go on teaching the vision tower shape kinds and colours per patch, with the tower stage's "
                          "loss on as many extra scenes as the batch, at this weight (default 0: no such loss)")
     tt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    tt.add_argument("--init", type=Path, help="start from another run's checkpoint: a tower stage, or a LLaVA stage (e.g. R-RLE after full-length)")
+    tt.add_argument("--init", type=Path, help="start from another run's checkpoint: a tower stage, or a LLaVA stage (e.g. R-RLE "
+                                              "after full-length); with --stage tower, go on training its vision tower")
+    tt.add_argument("--tower", type=Path, metavar="RUN",
+                    help="take the vision tower from this run instead of --init's: a tower stage that went on "
+                         "training it (--stage tower --init ...)")
     tt.add_argument("--freeze-tower", action="store_true",
                     help="keep the vision tower fixed (after --init from a tower stage, so its shape kinds survive)")
     tt.set_defaults(func=cmd_train_tiny)

@@ -119,3 +119,26 @@ def test_a_head_fitted_to_a_trained_tower_reads_it_and_leaves_it_as_it_was():
     assert all(torch.equal(value, before[name]) for name, value in vision.state_dict().items())
     read = tower.accuracy(vision, head, pixels, labels, 16)  # on scenes the fit never saw
     assert read["kind_accuracy"] > 0.75 and read["colour_accuracy"] > 0.9
+
+
+@pytest.mark.slow
+def test_a_tower_stage_goes_on_from_a_runs_tower_and_a_stage_of_that_run_takes_it_back(tmp_path):
+    quiet = lambda message: None  # noqa: E731
+    llava = str(tmp_path / "llava")
+    train.train(train.TrainConfig(out=llava, steps=1, batch=2, eval_queries=0), log=quiet)
+    # at a rate of 0 the stage's tower is where it started: the run's, its patches resized to 28 px
+    run = tower.train_tower(tower.TowerConfig(out=str(tmp_path / "tower"), init=llava, image_size=448, steps=1,
+                                              batch=2, eval_scenes=4, fit_scenes=8, lr=0.0), log=quiet)
+    went_on = torch.load(run / "checkpoint.pt", weights_only=False)["tower"]
+    larger = tiny.build_model(tiny.build_tokenizer(tiny.training_corpus()), image_size=448).model.vision_tower
+    assert went_on["embeddings.patch_embedding.weight"].shape[-1] == 28
+    started = train.fit_patches(train.tower_weights(llava), larger)
+    assert started.keys() == went_on.keys() and all(torch.equal(went_on[k], v) for k, v in started.items())
+
+    model_dir = train.train(train.TrainConfig(out=str(tmp_path / "again"), steps=1, batch=2, eval_queries=0,
+                                              init=llava, tower=str(run), image_size=448, freeze_tower=True),
+                            log=quiet)
+    after = torch.load(tmp_path / "again" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(after[f"model.vision_tower.{name}"], value) for name, value in went_on.items())
+    record = json.loads((model_dir / "text4seg.json").read_text())["training"]
+    assert f"--tower {run}" in tiny.stage_flags(record) and "--image-size 448" in tiny.stage_flags(record)

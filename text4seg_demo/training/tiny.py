@@ -171,6 +171,8 @@ def stage_flags(t: dict) -> str:
         flags.append(f"--warm-heads {t['warm_heads']}")
     if t.get("image_size", IMAGE_SIZE) != IMAGE_SIZE:
         flags.append(f"--image-size {t['image_size']}")
+    if t.get("tower"):
+        flags.append(f"--tower {_shown(t['tower'])}")
     return " ".join(flags)
 
 

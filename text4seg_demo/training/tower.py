@@ -10,7 +10,9 @@ here. Besides the per-patch loss, each shape's patch features are averaged and c
 a whole, which makes every patch of a shape carry its kind sooner, the small ones above all.
 
 The stage writes ``OUT/checkpoint.pt`` (resumable with ``--resume``) and ``OUT/log.jsonl``;
-``train-tiny --init OUT`` starts a LLaVA stage from its tower.
+``train-tiny --init OUT`` starts a LLaVA stage from its tower. ``--init RUN`` goes on training the
+tower of an earlier stage instead of a fresh one, ``--image-size`` on more pixels per patch: its head
+is first fitted to the starting tower, as :func:`fit_head` says why.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class TowerConfig:
     eval_every_min: float = 10.0
     eval_scenes: int = 200
     workers: int = 0
+    init: str | None = None  # go on training the tower of this run, tower stage or saved model
+    image_size: int = tiny.IMAGE_SIZE  # input side: 16 x 16 patches of image_size / 16 px (an init's are resized)
+    fit_scenes: int = 256  # given init, the head is first fitted to its tower on this many scenes (fit_head)
 
 
 def patch_labels(visible: np.ndarray, shapes: list, grid: int) -> np.ndarray:
@@ -196,13 +201,21 @@ def train_tower(cfg: TowerConfig, resume: bool = False, log=print) -> Path:
                              "workers": cfg.workers})
     device = choose_device()
     torch.manual_seed(cfg.seed)
-    tower = tiny.build_model(tiny.build_tokenizer(tiny.training_corpus()), seed=cfg.seed).model.vision_tower
+    tower = tiny.build_model(tiny.build_tokenizer(tiny.training_corpus()), seed=cfg.seed,
+                             image_size=cfg.image_size).model.vision_tower
     head = PatchHead(tower.config.hidden_size)
     tower.to(device)
     head.to(device)
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    processor = tiny.build_image_processor()
+    processor = tiny.build_image_processor(cfg.image_size)
+    if state is None and cfg.init:
+        from .train import fit_patches, tower_weights  # train imports this module
+
+        tower.load_state_dict(fit_patches(tower_weights(cfg.init), tower))
+        loss = fit_head(tower, head, processor, cfg.grid, synth.SceneMaker(cfg.seed + 10**5),
+                        n=cfg.fit_scenes, pool_weight=cfg.pool_weight)
+        log(f"tower of {cfg.init}, its head fitted (loss {loss:.3f})")
     if state is not None:
         tower.load_state_dict(state["tower"])
         head.load_state_dict(state["head"])

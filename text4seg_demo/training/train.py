@@ -76,6 +76,7 @@ class TrainConfig:
     warm_heads: int = 0  # first steps that move only the training heads (see train)
     image_size: int = tiny.IMAGE_SIZE  # the tower's input side, in 16 x 16 patches (an init's are resized: fit_patches)
     perception: float = 0.0  # weight of the tower stage's kind and colour loss, on as many extra scenes; 0: none
+    tower: str | None = None  # the vision tower from this run instead of init's (a tower stage that went on from it)
 
 
 class AuxHeads(nn.Module):
@@ -283,6 +284,22 @@ def _initialise(model, heads, init: str, tokenizer) -> str:
     raise FileNotFoundError(f"--init {init}: no checkpoint.pt or model.safetensors in {source}")
 
 
+def tower_weights(init: str) -> dict:
+    """The vision tower's weights in the tower stage, run or saved model that ``init`` names."""
+    source = _init_source(init)
+    if (source / "checkpoint.pt").exists():
+        start = torch.load(source / "checkpoint.pt", weights_only=False, map_location="cpu")
+        if "tower" in start:
+            return start["tower"]
+        prefix = "model.vision_tower."
+        return {key[len(prefix):]: value for key, value in start["model"].items() if key.startswith(prefix)}
+    if (source / "model.safetensors").exists():
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32).model.vision_tower.state_dict()
+    raise FileNotFoundError(f"--init {init}: no checkpoint.pt or model.safetensors in {source}")
+
+
 def _answer_heads(weights: dict) -> dict:
     """A run's training heads but the perception head, which every stage fits anew (train)."""
     return {key: value for key, value in weights.items() if not key.startswith("perception.")}
@@ -362,6 +379,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     heads = AuxHeads.of_run(model, cfg)
     if state is None and cfg.init:
         log(_initialise(model, heads, cfg.init, tokenizer))
+    if state is None and cfg.tower:
+        model.model.vision_tower.load_state_dict(fit_patches(tower_weights(cfg.tower), model.model.vision_tower))
+        log(f"vision tower from {cfg.tower}")
     model.to(device)
     heads.to(device)
     if state is None and heads.perception is not None:
