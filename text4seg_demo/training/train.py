@@ -297,7 +297,7 @@ def tower_weights(init: str) -> dict:
         from transformers import LlavaForConditionalGeneration
 
         return LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32).model.vision_tower.state_dict()
-    raise FileNotFoundError(f"--init {init}: no checkpoint.pt or model.safetensors in {source}")
+    raise FileNotFoundError(f"{init}: no checkpoint.pt or model.safetensors in {source} to take a vision tower from")
 
 
 def _answer_heads(weights: dict) -> dict:
