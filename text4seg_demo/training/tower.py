@@ -11,8 +11,8 @@ a whole, which makes every patch of a shape carry its kind sooner, the small one
 
 The stage writes ``OUT/checkpoint.pt`` (resumable with ``--resume``) and ``OUT/log.jsonl``;
 ``train-tiny --init OUT`` starts a LLaVA stage from its tower. ``--init RUN`` goes on training the
-tower of an earlier stage instead of a fresh one, ``--image-size`` on more pixels per patch: its head
-is first fitted to the starting tower, as :func:`fit_head` says why.
+tower of a later stage instead of a fresh one (``--image-size``: on more pixels per patch), its head
+first fitted to that tower (:func:`fit_head` says why).
 """
 
 from __future__ import annotations
@@ -209,18 +209,18 @@ def train_tower(cfg: TowerConfig, resume: bool = False, log=print) -> Path:
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     processor = tiny.build_image_processor(cfg.image_size)
-    if state is None and cfg.init:
+    if state is not None:
+        tower.load_state_dict(state["tower"])
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["opt"])
+        log(f"resumed at step {run.step} ({run.minutes():.1f} min)")
+    elif cfg.init:
         from .train import fit_patches, tower_weights  # train imports this module
 
         tower.load_state_dict(fit_patches(tower_weights(cfg.init), tower))
         loss = fit_head(tower, head, processor, cfg.grid, synth.SceneMaker(cfg.seed + 10**5),
                         n=cfg.fit_scenes, pool_weight=cfg.pool_weight)
         log(f"tower of {cfg.init}, its head fitted (loss {loss:.3f})")
-    if state is not None:
-        tower.load_state_dict(state["tower"])
-        head.load_state_dict(state["head"])
-        opt.load_state_dict(state["opt"])
-        log(f"resumed at step {run.step} ({run.minutes():.1f} min)")
     log(f"tower stage on {device}: batch {cfg.batch}, up to step {cfg.steps}"
         + (f", at most {cfg.minutes} min" if cfg.minutes else ""))
     held_out = [t.to(device) for t in scenes(synth.SceneMaker(10**6 + 1), cfg.eval_scenes, processor, cfg.grid)]
