@@ -40,24 +40,46 @@ def test_every_background_family_keeps_clear_of_the_shape_colours(style):
     domain = dataclasses.replace(synth.DOMAIN, backgrounds=(style,), noise=0.0)
     rng = np.random.default_rng(4)
     saturations = []
-    for _ in range(6):
-        pixels = synth._background(rng, 96, 64, domain).reshape(-1, 3)
+    for _ in range(12):
+        shades = [synth.shade(rng, colour) for colour in rng.choice(list(synth.COLOURS), 3)]
+        pixels = synth._background(rng, 96, 64, domain, shades).reshape(-1, 3)
         lab = synth._lab(pixels[::7].astype(np.float32))
+        avoid = np.concatenate([synth.SHAPE_LAB, synth._lab(np.array(shades))])
         # mixes are checked at nine points along the way: allow for what lies between them and rounding
-        assert np.linalg.norm(lab[:, None] - synth.SHAPE_LAB[None], axis=-1).min() >= synth.MIN_DELTA_E - 3
+        assert np.linalg.norm(lab[:, None] - avoid[None], axis=-1).min() >= synth.MIN_DELTA_E - 3
         saturations.append(float((pixels.max(1) - pixels.min(1)).mean() / max(pixels.max(1).mean(), 1)))
     assert max(saturations) > 0.5  # saturated backgrounds are part of the domain
+
+
+def test_shapes_are_drawn_in_many_shades_each_nearest_its_own_colour():
+    import colorsys
+
+    rng = np.random.default_rng(5)
+    for colour in synth.COLOURS:
+        shades = np.array([synth.shade(rng, colour) for _ in range(60)])
+        nearest = np.linalg.norm(synth._lab(shades)[:, None] - synth.SHAPE_LAB[None], axis=-1).argmin(1)
+        assert (nearest == list(synth.COLOURS).index(colour)).all()
+        hues = [colorsys.rgb_to_hsv(*(c / 255))[0] * 360 for c in shades]
+        spread = np.ptp(np.unwrap(np.radians(hues))) * 180 / np.pi
+        assert len({tuple(c) for c in shades}) > 50 and spread > 10  # not one RGB triple
+
+    plain = dataclasses.replace(synth.DOMAIN, noise=0.0, blur=0.0, jpeg=0.0)
+    image, visible, shapes = synth.SceneMaker(6, plain).scene("all_colour")
+    pixels = np.asarray(image)
+    for i, s in enumerate(shapes, start=1):
+        if (visible == i).sum() > 20:  # the top shape's pixels carry its shade
+            assert (pixels[visible == i] == s.rgb).all(1).mean() > 0.9
 
 
 def test_the_shifted_split_draws_smaller_shapes_in_busier_scenes():
     def stats(domain):
         maker = synth.SceneMaker(11, domain)
-        scenes = [maker.scene(synth.KINDS[i % 7]) for i in range(42)]
+        scenes = [maker.scene(synth.KINDS[i % 7]) for i in range(84)]
         sizes = [s.size / min(image.size) for image, _, shapes in scenes for s in shapes]
         return np.mean([len(shapes) for *_, shapes in scenes]), np.median(sizes)
 
     (count, size), (shifted_count, shifted_size) = stats(synth.DOMAIN), stats(synth.SHIFTED)
-    assert shifted_count > count + 1 and shifted_size < 0.8 * size
+    assert shifted_count > count + 0.5 and shifted_size < 0.8 * size
     assert set(synth.SHIFTED.backgrounds) <= set(synth.BACKGROUNDS) and synth.SHIFTED.saturation[0] > 0.5
 
 

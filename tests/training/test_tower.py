@@ -13,7 +13,8 @@ def test_patch_labels_name_the_shape_under_each_patch_centre():
     visible = np.zeros((40, 80), np.int32)
     visible[:20, :40] = 1  # a red circle over the top-left quarter
     visible[10:40, 30:80] = 2  # a blue star on top of it, to the bottom right
-    shapes = [synth.Shape("circle", "red", 0, 0, 1, 0), synth.Shape("star", "blue", 0, 0, 1, 0)]
+    shapes = [synth.Shape("circle", "red", 0, 0, 1, 0, synth.COLOURS["red"]),
+              synth.Shape("star", "blue", 0, 0, 1, 0, synth.COLOURS["blue"])]
     kind, colour, instance = tower.patch_labels(visible, shapes, 4).reshape(3, 4, 4)
     circle, star = 1 + synth.SHAPES.index("circle"), 1 + synth.SHAPES.index("star")
     # patch centres fall at rows 5, 15, 25, 35 and columns 10, 30, 50, 70

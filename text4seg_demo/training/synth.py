@@ -24,6 +24,14 @@ COLOURS = {
     "red": (220, 30, 35), "green": (40, 170, 60), "blue": (35, 75, 215),
     "yellow": (245, 210, 20), "purple": (140, 50, 180), "orange": (250, 130, 20),
 }
+# The shades each colour name covers, as HSV ranges (hue in degrees): a shape is drawn in any of
+# them, so that a model learns the names and not six RGB triples (another generator's `orange`
+# is not this one's). A shade is also nearer its own name's colour in COLOURS than any other's.
+SHADES = {
+    "red": ((-10, 8), (0.7, 1.0), (0.6, 1.0)), "green": ((100, 145), (0.55, 1.0), (0.45, 0.85)),
+    "blue": ((200, 245), (0.6, 1.0), (0.6, 1.0)), "yellow": ((50, 62), (0.7, 1.0), (0.85, 1.0)),
+    "purple": ((265, 305), (0.45, 1.0), (0.45, 0.8)), "orange": ((20, 39), (0.75, 1.0), (0.85, 1.0)),
+}
 SIDES = {"on the left": (0, -1), "on the right": (0, 1), "at the top": (1, -1), "at the bottom": (1, 1)}
 KINDS = ("colour_shape", "shape", "side", "size", "all_colour", "all_shape", "absent")
 
@@ -36,6 +44,7 @@ class Shape:
     cy: float
     size: float  # diameter / side, in pixels
     angle: float
+    rgb: tuple[int, int, int]  # its shade of ``colour``
 
     def polygon(self) -> list[tuple[float, float]]:
         r = self.size / 2
@@ -81,6 +90,7 @@ class Domain:
     noise: float  # chance of pixel noise over any background
     blur: float  # chance of a Gaussian blur
     jpeg: float  # chance of a JPEG round trip
+    shades: bool = True  # shapes in any shade of their colour (SHADES), else in COLOURS' own
 
 
 BACKGROUNDS = ("solid", "gradient", "noisy", "stripes", "checks", "blotches")
@@ -91,9 +101,9 @@ SHIFTED = Domain(backgrounds=("stripes", "checks", "blotches", "gradient"), satu
                  blur=0.4, jpeg=0.8)
 SPLITS = {"domain": DOMAIN, "shifted": SHIFTED}
 
-# Every background colour keeps CIE76 distance MIN_DELTA_E (CIELAB, D65) from each shape
-# colour: more than the two closest shape colours, blue and purple, are apart (30), so a
-# shape's colour is never in doubt against its background.
+# Every background colour keeps CIE76 distance MIN_DELTA_E (CIELAB, D65) from each colour of
+# COLOURS and each shade drawn in its scene: more than the two closest colours of COLOURS, blue
+# and purple, are apart (30), so a shape's colour is never in doubt against its background.
 MIN_DELTA_E = 35.0
 
 
@@ -105,35 +115,49 @@ def _lab(rgb: np.ndarray) -> np.ndarray:
 SHAPE_LAB = _lab(np.array(list(COLOURS.values())))
 
 
-def clear_of_shapes(rgb: np.ndarray) -> bool:
-    """Whether every colour in ``rgb`` (..., 3) keeps :data:`MIN_DELTA_E` from every shape colour."""
-    lab = _lab(rgb)
-    return bool(np.linalg.norm(lab[:, None] - SHAPE_LAB[None], axis=-1).min() >= MIN_DELTA_E)
+def shade(rng: np.random.Generator, colour: str) -> tuple[int, int, int]:
+    """A shade of ``colour`` drawn from :data:`SHADES`, nearer to ``COLOURS[colour]`` than to any
+    other colour of :data:`COLOURS`."""
+    own = list(COLOURS).index(colour)
+    while True:
+        hue, saturation, value = (rng.uniform(lo, hi) for lo, hi in SHADES[colour])
+        rgb = np.round(np.array(colorsys.hsv_to_rgb(hue % 360 / 360, saturation, value)) * 255)
+        if np.linalg.norm(_lab(rgb) - SHAPE_LAB, axis=-1).argmin() == own:
+            return tuple(int(c) for c in rgb)
 
 
-def _colour_pair(rng: np.random.Generator, domain: Domain) -> tuple[np.ndarray, np.ndarray]:
+def clear_of_shapes(rgb: np.ndarray, avoid: np.ndarray = SHAPE_LAB) -> bool:
+    """Whether every colour in ``rgb`` (..., 3) keeps :data:`MIN_DELTA_E` from every CIELAB colour
+    in ``avoid`` (n, 3): those of :data:`COLOURS`, and a scene's shades."""
+    return bool(np.linalg.norm(_lab(rgb)[:, None] - avoid[None], axis=-1).min() >= MIN_DELTA_E)
+
+
+def _colour_pair(rng: np.random.Generator, domain: Domain, avoid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Two background colours such that every mix of them is clear of the shape colours."""
 
     def one():
         while True:
             rgb = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(*domain.saturation),
                                                rng.uniform(*domain.value))) * 255
-            if clear_of_shapes(rgb):
+            if clear_of_shapes(rgb, avoid):
                 return rgb
 
     first = one()
     while True:
         second = one()
         mixes = first[None] + np.linspace(0, 1, 9)[:, None] * (second - first)[None]
-        if clear_of_shapes(mixes):
+        if clear_of_shapes(mixes, avoid):
             return first, second
 
 
-def _background(rng: np.random.Generator, w: int, h: int, domain: Domain = DOMAIN) -> np.ndarray:
+def _background(rng: np.random.Generator, w: int, h: int, domain: Domain = DOMAIN,
+                shades: list[tuple[int, int, int]] = ()) -> np.ndarray:
     """A background of one of ``domain.backgrounds``: solid, a linear gradient at any angle,
-    noise, stripes or checks at any angle, or smooth blotches; all colours clear of the shapes'."""
+    noise, stripes or checks at any angle, or smooth blotches; all colours clear of the shapes'
+    (COLOURS and the scene's ``shades``)."""
     style = str(rng.choice(domain.backgrounds))
-    first, second = _colour_pair(rng, domain)
+    avoid = np.concatenate([SHAPE_LAB, _lab(np.array(shades))]) if len(shades) else SHAPE_LAB
+    first, second = _colour_pair(rng, domain, avoid)
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     angle = rng.uniform(0, np.pi)
     u = x * np.cos(angle) + y * np.sin(angle)
@@ -189,8 +213,10 @@ class SceneMaker:
         return False
 
     def _new(self, short: int, kind=None, colour=None, size=None) -> Shape:
-        return Shape(kind or str(self.rng.choice(SHAPES)), colour or str(self.rng.choice(list(COLOURS))),
-                     0.0, 0.0, size or self._fraction(0.05, 0.40) * short, float(self.rng.uniform(0, 2 * math.pi)))
+        colour = colour or str(self.rng.choice(list(COLOURS)))
+        return Shape(kind or str(self.rng.choice(SHAPES)), colour, 0.0, 0.0, size or self._fraction(0.05, 0.40) * short,
+                     float(self.rng.uniform(0, 2 * math.pi)),
+                     shade(self.rng, colour) if self.domain.shades else COLOURS[colour])
 
     def scene(self, focus: str, colour_rivals: bool = False):
         """An image, its label map (0 = background, i = ``shapes[i - 1]``) and its shapes.
@@ -232,11 +258,11 @@ class SceneMaker:
         order = rng.permutation(len(shapes))
         shapes = [shapes[i] for i in order]
 
-        image = Image.fromarray(_background(rng, w, h, self.domain))
+        image = Image.fromarray(_background(rng, w, h, self.domain, [s.rgb for s in shapes]))
         labels = Image.new("I", (w, h), 0)
         draw, draw_labels = ImageDraw.Draw(image), ImageDraw.Draw(labels)
         for i, s in enumerate(shapes, start=1):  # later shapes lie on top
-            draw.polygon(s.polygon(), fill=COLOURS[s.colour])
+            draw.polygon(s.polygon(), fill=s.rgb)
             draw_labels.polygon(s.polygon(), fill=i)
         if rng.random() < self.domain.blur:
             image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.4, 1.5))))

@@ -114,10 +114,11 @@ def save_pretrained(model, tokenizer, out: str | Path, settings: dict) -> Path:
 
 
 FIXED_QUERIES_SEED, FIXED_QUERIES = 777, 20
-GENERATOR = "domain-wide-2"  # the scenes stages train on now (synth.DOMAIN); stage records say which they saw
+GENERATOR = "shades"  # the scenes stages train on now (synth.DOMAIN); stage records say which they saw
 EARLIER_GENERATORS = {  # what a card says of a stage that saw another generator
     None: "scenes of the earlier generator (dull solid, gradient and noisy backgrounds only)",
     "domain-wide": "scenes of the first domain-wide generator (textures at 12-80 px, 1-6 shapes a scene)",
+    "domain-wide-2": "scenes of the domain-wide generator before shades (each colour one RGB triple)",
 }
 
 
@@ -128,7 +129,7 @@ def _fixed_queries_domain():
 
     from .synth import DOMAIN
 
-    return dataclasses.replace(DOMAIN, texture_period=(12, 80), shapes=(1, 6))
+    return dataclasses.replace(DOMAIN, texture_period=(12, 80), shapes=(1, 6), shades=False)
 
 
 def fixed_queries():
