@@ -68,6 +68,9 @@ def test_eval_aggregates_like_the_reference(tmp_path, monkeypatch):
                                          "coarse_ciou": 0.5, "coarse_giou": 0.5, "refined_ciou": 0.0,
                                          "refined_giou": 0.0}
     assert report["by_kind"]["absent"]["n_acc"] == {"grid": 1.0, "coarse": 1.0, "refined": 1.0}
+    # half of a 32 x 32 image is 128 cells of the 16 x 16 grid; the absent query has no size
+    assert report["by_target_size"][">=16"] == report["by_kind"]["side"]
+    assert [report["by_target_size"][size]["n"] for size in ("<1", "1-4", "4-16")] == [0, 0, 0]
     assert [q["kind"] for q in report["queries"]] == ["side", "absent", "side"]
 
 
@@ -85,6 +88,10 @@ def test_no_target_and_target_accuracies_as_grefcoco_defines_them(tmp_path, monk
     assert report["no_target"]["t_acc"]["coarse"] == report["no_target"]["t_acc"]["grid"] == 0.5
     # gIoU: the empty answer on no target scores 1, the corner on no target 0; cIoU ignores the first
     assert report["giou"]["coarse"] == pytest.approx((1 + 0 + 1 + 0 + 0 + 0) / 6)
+    # the one-pixel target is a quarter of a cell: missed in pixels, and absent from its own truth grid
+    dot = report["by_target_size"]["<1"]
+    assert dot["n"] == 1 and dot["coarse_ciou"] == 0.0 and dot["grid_giou"] == 1.0
+    assert report["by_target_size"][">=16"]["n"] == 3
 
 
 def test_rows_stream_to_disk_and_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):

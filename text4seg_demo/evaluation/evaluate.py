@@ -28,6 +28,9 @@ from .manifest import Query, read_manifest
 from .metrics import IoUMeter, counts
 
 MASKS = ("grid", "coarse", "refined")  # the answers a row scores; "oracle" is the truth's own grid
+# Target sizes in grid cells (the image's area / grid^2): under one cell a target may fall between
+# the patch centres that the truth's grid samples, so it can vanish from the grid altogether.
+TARGET_SIZES = {"<1": (0, 1), "1-4": (1, 4), "4-16": (4, 16), ">=16": (16, float("inf"))}
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,8 @@ def score(engine: Engine | None, refiner, query: Query, index: int, constrained:
     image, _ = prepare(query.image, max_side=10**6)
     truth = load_mask(query.mask)
     truth_grid = to_grid(truth.astype(np.uint8), grid).astype(bool)
-    row = {"index": index, "image": str(query.image), "expression": query.expression, "grid": grid}
+    row = {"index": index, "image": str(query.image), "expression": query.expression, "grid": grid,
+           "target_cells": round(float(truth.mean()) * grid * grid, 3)}
     t0 = time.perf_counter()
     if engine is None:
         result = _oracle(image, query.expression, truth_grid, refiner, grid)
@@ -129,6 +133,16 @@ def _no_target(rows: list[dict]) -> dict | None:
             "t_acc": {mask: share(present, False, mask) for mask in MASKS}}
 
 
+def _group(rows: list[dict]) -> dict:
+    """The grid and pixel metrics of a group of queries (a kind, a target size)."""
+    m = _meters(rows)
+    entry = {"n": len(rows), "grid_ciou": m["grid"].ciou, "grid_giou": m["grid"].giou, "grid_prec50": m["grid"].prec50,
+             "coarse_ciou": m["coarse"].ciou, "coarse_giou": m["coarse"].giou}
+    if m["refined"].ious:
+        entry.update(refined_ciou=m["refined"].ciou, refined_giou=m["refined"].giou)
+    return entry
+
+
 def summarise(rows: list[dict], model: str, grid: int, refiner: str, constrained: bool) -> dict:
     """The report of a run from its rows; the fields are documented in docs/evaluation.md."""
     meters, n = _meters(rows), len(rows)
@@ -149,15 +163,15 @@ def summarise(rows: list[dict], model: str, grid: int, refiner: str, constrained
         report["by_kind"] = {}
         for kind in kinds:
             kind_rows = [r for r in rows if r.get("kind") == kind]
-            m = _meters(kind_rows)
-            entry = {"n": len(m["grid"].ious), "grid_ciou": m["grid"].ciou, "grid_giou": m["grid"].giou,
-                     "grid_prec50": m["grid"].prec50, "coarse_ciou": m["coarse"].ciou, "coarse_giou": m["coarse"].giou}
-            if m["refined"].ious:
-                entry.update(refined_ciou=m["refined"].ciou, refined_giou=m["refined"].giou)
+            entry = _group(kind_rows)
             kind_no_target = _no_target(kind_rows)
             if kind_no_target:
                 entry["n_acc"] = kind_no_target["n_acc"]
             report["by_kind"][kind] = entry
+    sized = [r for r in rows if r.get("target_cells")]  # rows with a target (rows files of old runs lack the size)
+    if sized:
+        report["by_target_size"] = {name: _group([r for r in sized if lo <= r["target_cells"] < hi])
+                                    for name, (lo, hi) in TARGET_SIZES.items()}
     repeat = [r["refine_repeat_s"] for r in rows if "refine_repeat_s" in r]
     if repeat:
         report["refine_first_s"] = float(np.mean([r["refine_first_s"] for r in rows]))
