@@ -1,5 +1,6 @@
 """The synthetic domain: determinism, coverage, backgrounds, the shifted split, query pairs."""
 
+import colorsys
 import dataclasses
 import hashlib
 import json
@@ -52,8 +53,6 @@ def test_every_background_family_keeps_clear_of_the_shape_colours(style):
 
 
 def test_shapes_are_drawn_in_many_shades_each_nearest_its_own_colour():
-    import colorsys
-
     rng = np.random.default_rng(5)
     for colour in synth.COLOURS:
         shades = np.array([synth.shade(rng, colour) for _ in range(60)])

@@ -111,17 +111,18 @@ def _meters(rows: list[dict]) -> dict[str, IoUMeter]:
     return meters
 
 
+def _target_pixels(row: dict) -> int:
+    """The target's pixels, from a row's kept counts."""
+    inter, union, predicted = row["counts"]["coarse"]
+    return union - predicted + inter
+
+
 def _no_target(rows: list[dict]) -> dict | None:
     """gRefCOCO's accuracies, for each kind of answer: of the queries without a target (no
     target pixel), the share answered with an empty mask (N-acc); of the others, the share
     answered with a non-empty one (T-acc). None when every query has a target."""
-
-    def truth(row):
-        inter, union, predicted = row["counts"]["coarse"]
-        return union - predicted + inter
-
-    empty = [r for r in rows if truth(r) == 0]
-    present = [r for r in rows if truth(r) > 0]
+    empty = [r for r in rows if _target_pixels(r) == 0]
+    present = [r for r in rows if _target_pixels(r) > 0]
 
     def share(group, answered_empty: bool, mask: str):
         kept = [(r["counts"][mask][2] == 0) == answered_empty for r in group if mask in r["counts"]]
@@ -168,7 +169,7 @@ def summarise(rows: list[dict], model: str, grid: int, refiner: str, constrained
             if kind_no_target:
                 entry["n_acc"] = kind_no_target["n_acc"]
             report["by_kind"][kind] = entry
-    sized = [r for r in rows if r.get("target_cells")]  # rows with a target (rows files of old runs lack the size)
+    sized = [r for r in rows if "target_cells" in r and _target_pixels(r)]  # rows files of old runs lack the size
     if sized:
         report["by_target_size"] = {name: _group([r for r in sized if lo <= r["target_cells"] < hi])
                                     for name, (lo, hi) in TARGET_SIZES.items()}

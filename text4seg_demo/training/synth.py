@@ -126,7 +126,7 @@ def shade(rng: np.random.Generator, colour: str) -> tuple[int, int, int]:
             return tuple(int(c) for c in rgb)
 
 
-def clear_of_shapes(rgb: np.ndarray, avoid: np.ndarray = SHAPE_LAB) -> bool:
+def clear_of_shapes(rgb: np.ndarray, avoid: np.ndarray) -> bool:
     """Whether every colour in ``rgb`` (..., 3) keeps :data:`MIN_DELTA_E` from every CIELAB colour
     in ``avoid`` (n, 3): those of :data:`COLOURS`, and a scene's shades."""
     return bool(np.linalg.norm(_lab(rgb)[:, None] - avoid[None], axis=-1).min() >= MIN_DELTA_E)
