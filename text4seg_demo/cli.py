@@ -43,6 +43,13 @@ def _share(text: str) -> float:
     return value
 
 
+def _skew(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a size skew must be above 0 (1: uniform sizes), got {value}")
+    return value
+
+
 def _image_size(text: str) -> int:
     from .training.tiny import VISION_GRID
 
@@ -236,7 +243,7 @@ def cmd_train_tiny(args) -> int:
                       image_attention=args.image_attention, contrast=args.contrast,
                       colour_rivals=args.colour_rivals, focus=args.focus, focus_share=args.focus_share,
                       warm_heads=args.warm_heads, image_size=args.image_size, perception=args.perception,
-                      tower=str(args.tower) if args.tower else None,
+                      tower=str(args.tower) if args.tower else None, size_skew=args.size_skew,
                       bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
     path = train(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"model written to {path}", file=sys.stderr)
@@ -472,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--perception", type=float, default=0.0, metavar="WEIGHT",
                     help="go on teaching the vision tower shape kinds and colours per patch, with the tower stage's "
                          "loss on as many extra scenes as the batch, at this weight (default 0: no such loss)")
+    tt.add_argument("--size-skew", type=_skew, default=1.0, metavar="S",
+                    help="draw shape sizes over the domain's 5-40%% of the short side as u ** S for uniform u: "
+                         "above 1, more small shapes, which the models read worst (default 1: uniform)")
     tt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     tt.add_argument("--init", type=Path, help="start from another run's checkpoint: a tower stage, or a LLaVA stage (e.g. R-RLE "
                                               "after full-length); with --stage tower, go on training its vision tower")

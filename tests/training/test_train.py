@@ -31,6 +31,18 @@ def test_a_focus_kind_fills_its_share_of_the_batches():
     assert 0.25 < shared < 0.75
 
 
+def test_a_size_skew_draws_smaller_targets_within_the_domain():
+    def target_shares(skew: float) -> np.ndarray:
+        cfg = train.TrainConfig(out="unused", batch=16, size_skew=skew)
+        maker = train.scene_maker(3, cfg)
+        return np.array([mask.mean() for _ in range(8) for _, _, mask in train.batch_triples(maker, cfg)
+                         if mask.any()])
+
+    uniform, skewed = target_shares(1.0), target_shares(3.0)
+    assert np.median(skewed) < 0.75 * np.median(uniform)  # targets are shapes that show, so less than sizes
+    assert skewed.max() > 0.05  # large shapes are still drawn, only less often
+
+
 def test_a_model_cards_command_line_gives_back_its_stage():
     from dataclasses import asdict
 
@@ -38,11 +50,11 @@ def test_a_model_cards_command_line_gives_back_its_stage():
 
     cfg = train.TrainConfig(out="RUN", lr=2.5e-4, positions="grid", freeze_tower=True, label_tokens="words",
                             image_attention="bidirectional", contrast=True, colour_rivals=True, focus="side",
-                            focus_share=0.3, warm_heads=300, image_size=448)
+                            focus_share=0.3, warm_heads=300, image_size=448, size_skew=1.5)
     args = build_parser().parse_args(["train-tiny", "--out", "RUN", *tiny.stage_flags(asdict(cfg)).split()])
     assert (args.lr, args.positions, args.freeze_tower, args.label_tokens, args.image_attention, args.contrast,
-            args.colour_rivals, args.focus, args.focus_share, args.warm_heads, args.image_size) == (
-        2.5e-4, "grid", True, "words", "bidirectional", True, True, "side", 0.3, 300, 448)
+            args.colour_rivals, args.focus, args.focus_share, args.warm_heads, args.image_size, args.size_skew) == (
+        2.5e-4, "grid", True, "words", "bidirectional", True, True, "side", 0.3, 300, 448, 1.5)
     with pytest.raises(SystemExit):  # 16 x 16 patches: the side must divide by 16
         build_parser().parse_args(["train-tiny", "--out", "RUN", "--image-size", "300"])
 

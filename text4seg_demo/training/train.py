@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +77,7 @@ class TrainConfig:
     image_size: int = tiny.IMAGE_SIZE  # the tower's input side, in 16 x 16 patches (an init's are resized: fit_patches)
     perception: float = 0.0  # weight of the tower stage's kind and colour loss, on as many extra scenes; 0: none
     tower: str | None = None  # the vision tower from this run instead of init's (a tower stage that went on from it)
+    size_skew: float = 1.0  # training shape sizes over the domain's range as u ** size_skew: above 1, more small ones
 
 
 class AuxHeads(nn.Module):
@@ -142,6 +143,11 @@ def encode_example(tokenizer, processor, image, expression, mask, fmt, grid, rng
     return {"ids": ids, "positions": position_ids, "labels": labels, "weights": weights, "next_rows": next_rows,
             "image_start": len(tokenizer(before, add_special_tokens=False)["input_ids"]),
             "cells": cells, "pixels": pixels}
+
+
+def scene_maker(seed, cfg: TrainConfig) -> synth.SceneMaker:
+    """The training scenes: the stated domain, with shape sizes skewed as ``cfg.size_skew`` says."""
+    return synth.SceneMaker(seed, replace(synth.DOMAIN, size_skew=cfg.size_skew))
 
 
 def batch_triples(maker: synth.SceneMaker, cfg: TrainConfig) -> list:
@@ -412,7 +418,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         run.record(grid_ciou(model, tokenizer, processor, queries, cfg) if queries else {}, log)
 
     def make(numpy_rng, rng):
-        maker = synth.SceneMaker(numpy_rng)
+        maker = scene_maker(numpy_rng, cfg)
         batch = collate([encode_example(tokenizer, processor, *triple, cfg.fmt, cfg.grid, rng, cfg.positions)
                          for triple in batch_triples(maker, cfg)], tokenizer.pad_token_id)
         if cfg.perception:  # drawn after the batch, which stays as it would be without them
