@@ -50,11 +50,11 @@ def test_a_model_cards_command_line_gives_back_its_stage():
 
     cfg = train.TrainConfig(out="RUN", lr=2.5e-4, positions="grid", freeze_tower=True, label_tokens="words",
                             image_attention="bidirectional", contrast=True, colour_rivals=True, focus="side",
-                            focus_share=0.3, warm_heads=300, image_size=448, size_skew=1.5)
+                            focus_share=0.3, warm_heads=300, image_size=448, size_skew=1.5, perception=0.3)
     args = build_parser().parse_args(["train-tiny", "--out", "RUN", *tiny.stage_flags(asdict(cfg)).split()])
     assert (args.lr, args.positions, args.freeze_tower, args.label_tokens, args.image_attention, args.contrast,
-            args.colour_rivals, args.focus, args.focus_share, args.warm_heads, args.image_size, args.size_skew) == (
-        2.5e-4, "grid", True, "words", "bidirectional", True, True, "side", 0.3, 300, 448, 1.5)
+            args.colour_rivals, args.focus, args.focus_share, args.warm_heads, args.image_size, args.size_skew,
+            args.perception) == (2.5e-4, "grid", True, "words", "bidirectional", True, True, "side", 0.3, 300, 448, 1.5, 0.3)
     with pytest.raises(SystemExit):  # 16 x 16 patches: the side must divide by 16
         build_parser().parse_args(["train-tiny", "--out", "RUN", "--image-size", "300"])
 

@@ -174,6 +174,8 @@ def stage_flags(t: dict) -> str:
         flags.append(f"--image-size {t['image_size']}")
     if t.get("tower"):
         flags.append(f"--tower {_shown(t['tower'])}")
+    if t.get("perception"):
+        flags.append(f"--perception {t['perception']}")
     if t.get("size_skew", 1.0) != 1.0:
         flags.append(f"--size-skew {t['size_skew']}")
     return " ".join(flags)
