@@ -45,8 +45,8 @@ def _share(text: str) -> float:
 
 def _skew(text: str) -> float:
     value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"a size skew must be above 0 (1: uniform sizes), got {value}")
+    if not 0 < value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"a size skew must be a positive number (1: uniform sizes), got {value}")
     return value
 
 
