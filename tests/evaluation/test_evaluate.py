@@ -72,6 +72,23 @@ def test_eval_aggregates_like_the_reference(tmp_path, monkeypatch):
     assert report["by_target_size"][">=16"] == report["by_kind"]["side"]
     assert [report["by_target_size"][size]["n"] for size in ("<1", "1-4", "4-16")] == [0, 0, 0]
     assert [q["kind"] for q in report["queries"]] == ["side", "absent", "side"]
+    assert report["grid_losses"] == {"extra": 0.0, "missing": 0.0, "missed": 0.5, "marked_absent": 0.0,
+                                     "marked_between_centres": 0.0}  # the target answered empty: its 128 cells
+
+
+def test_grid_losses_say_where_the_union_goes_and_add_up_to_what_grid_ciou_lacks(tmp_path, monkeypatch):
+    # the half-image target answered with the top three quarters (64 cells too many) and with the
+    # top quarter (64 too few); the one-pixel target, which lies between the grid's sampled patch
+    # centres, answered with the cell it lies in
+    _manifest(tmp_path, [("over", "half", "k"), ("under", "half", "k"), ("dot", "dot", "k")])
+    over, under, corner = np.zeros((32, 32), bool), np.zeros((32, 32), bool), np.zeros((32, 32), bool)
+    over[:24], under[:8], corner[:2, :2] = True, True, True
+    _answering(monkeypatch, [over, under, corner])
+    report = evaluate_module.evaluate(Engine(), str(tmp_path), progress=False)
+    union = 192 + 128 + 1
+    assert report["grid_losses"] == pytest.approx({"extra": 64 / union, "missing": 64 / union, "missed": 0.0,
+                                                   "marked_absent": 0.0, "marked_between_centres": 1 / union})
+    assert sum(report["grid_losses"].values()) == pytest.approx(1 - report["grid_ciou"])
 
 
 def test_no_target_and_target_accuracies_as_grefcoco_defines_them(tmp_path, monkeypatch):
@@ -92,6 +109,9 @@ def test_no_target_and_target_accuracies_as_grefcoco_defines_them(tmp_path, monk
     dot = report["by_target_size"]["<1"]
     assert dot["n"] == 1 and dot["coarse_ciou"] == 0.0 and dot["grid_giou"] == 1.0
     assert report["by_target_size"][">=16"]["n"] == 3
+    # the corner cell on no target, then the corner (129 cells of union) and nothing (128) on the half
+    assert report["grid_losses"] == pytest.approx({"extra": 0.0, "missing": 0.0, "missed": 257 / 386,
+                                                   "marked_absent": 1 / 386, "marked_between_centres": 0.0})
 
 
 def test_rows_stream_to_disk_and_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):

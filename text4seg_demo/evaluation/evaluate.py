@@ -134,6 +134,29 @@ def _no_target(rows: list[dict]) -> dict | None:
             "t_acc": {mask: share(present, False, mask) for mask in MASKS}}
 
 
+def _grid_losses(rows: list[dict]) -> dict[str, float] | None:
+    """Where the grid answers' summed union goes that the intersection does not cover, as shares of
+    that union: they add up to ``1 - grid_ciou``. An answer that meets its target loses ``extra``
+    cells beside it and ``missing`` ones of it; one that does not (another shape, or empty) loses
+    its whole union (``missed``); where the truth's grid is empty, every marked cell is lost, on a
+    query without a target (``marked_absent``) or on one whose target lies between the patch
+    centres that the grid samples (``marked_between_centres``)."""
+    lost = dict.fromkeys(("extra", "missing", "missed", "marked_absent", "marked_between_centres"), 0)
+    total = 0
+    for row in rows:
+        inter, union, predicted = row["counts"]["grid"]
+        truth = union - predicted + inter
+        total += union
+        if truth == 0:
+            lost["marked_absent" if _target_pixels(row) == 0 else "marked_between_centres"] += predicted
+        elif inter == 0:
+            lost["missed"] += union
+        else:
+            lost["extra"] += predicted - inter
+            lost["missing"] += truth - inter
+    return {name: cells / total for name, cells in lost.items()} if total else None
+
+
 def _group(rows: list[dict]) -> dict:
     """The grid and pixel metrics of a group of queries (a kind, a target size)."""
     m = _meters(rows)
@@ -151,7 +174,8 @@ def summarise(rows: list[dict], model: str, grid: int, refiner: str, constrained
         "model": model, "grid": grid, "n": n, "refiner": refiner, "constrained": constrained,
         "ciou": {"coarse": meters["coarse"].ciou, "refined": meters["refined"].ciou},
         "giou": {"coarse": meters["coarse"].giou, "refined": meters["refined"].giou},
-        "grid_ciou": meters["grid"].ciou, "grid_prec50": meters["grid"].prec50, "oracle_ciou": meters["oracle"].ciou,
+        "grid_ciou": meters["grid"].ciou, "grid_losses": _grid_losses(rows), "grid_prec50": meters["grid"].prec50,
+        "oracle_ciou": meters["oracle"].ciou,
         "malformed_rate": sum(bool(r["diagnostics"]) for r in rows) / n if n else None,
         "mean_generated_tokens": float(np.mean([r["generated_tokens"] for r in rows])) if n else None,
         "mean_latency_s": float(np.mean([r["latency_s"] for r in rows])) if n else None,
