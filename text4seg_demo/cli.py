@@ -50,6 +50,17 @@ def _skew(text: str) -> float:
     return value
 
 
+def _backgrounds(text: str) -> tuple[str, ...]:
+    from .training.synth import BACKGROUNDS
+
+    families = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [f for f in families if f not in BACKGROUNDS]
+    if not families or unknown:
+        raise argparse.ArgumentTypeError(f"background families are a comma-separated list of {', '.join(BACKGROUNDS)}; "
+                                         f"got {text!r}")
+    return families
+
+
 def _image_size(text: str) -> int:
     from .training.tiny import VISION_GRID
 
@@ -237,7 +248,8 @@ def cmd_train_tiny(args) -> int:
         return 0
     cfg = TrainConfig(out=str(args.out), fmt=args.format, grid=args.grid, seed=args.seed, steps=args.steps,
                       minutes=args.minutes, workers=args.workers, eval_every_min=args.eval_every,
-                      eval_queries=args.eval_queries, **_given(batch=args.batch, lr=args.lr),
+                      eval_queries=args.eval_queries,
+                      **_given(batch=args.batch, lr=args.lr, backgrounds=args.backgrounds),
                       init=str(args.init) if args.init else None, positions=args.positions,
                       freeze_tower=args.freeze_tower, label_tokens=args.label_tokens,
                       image_attention=args.image_attention, contrast=args.contrast,
@@ -482,6 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--size-skew", type=_skew, default=1.0, metavar="S",
                     help="draw shape sizes over the domain's 5-40%% of the short side as u ** S for uniform u: "
                          "above 1, more small shapes, which the models read worst (default 1: uniform)")
+    tt.add_argument("--backgrounds", type=_backgrounds, default=None, metavar="FAMILIES",
+                    help="draw training scenes on these background families only, comma-separated, each with all "
+                         "of the domain's colours and texture periods (default: every family, "
+                         "solid,gradient,noisy,stripes,checks,blotches)")
     tt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     tt.add_argument("--init", type=Path, help="start from another run's checkpoint: a tower stage, or a LLaVA stage (e.g. R-RLE "
                                               "after full-length); with --stage tower, go on training its vision tower")

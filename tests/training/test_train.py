@@ -43,6 +43,20 @@ def test_a_size_skew_draws_smaller_targets_within_the_domain():
     assert skewed.max() > 0.05  # large shapes are still drawn, only less often
 
 
+def test_backgrounds_restrict_the_families_training_scenes_are_drawn_on():
+    def background_spread(families: tuple[str, ...]) -> float:
+        """The median over scenes of the background pixels' spread, shapes left out."""
+        cfg = train.TrainConfig(out="unused", backgrounds=families)
+        maker = train.scene_maker(4, cfg)
+        spreads = []
+        for _ in range(12):
+            image, visible, _ = maker.scene("shape")
+            spreads.append(np.asarray(image, np.float32)[visible == 0].std(axis=0).max())
+        return float(np.median(spreads))
+
+    assert background_spread(("solid",)) < 8 and background_spread(("stripes", "checks")) > 20
+
+
 def test_a_model_cards_command_line_gives_back_its_stage():
     from dataclasses import asdict
 
@@ -50,14 +64,18 @@ def test_a_model_cards_command_line_gives_back_its_stage():
 
     cfg = train.TrainConfig(out="RUN", lr=2.5e-4, positions="grid", freeze_tower=True, label_tokens="words",
                             image_attention="bidirectional", contrast=True, colour_rivals=True, focus="side",
-                            focus_share=0.3, warm_heads=300, image_size=448, size_skew=1.5, perception=0.3)
+                            focus_share=0.3, warm_heads=300, image_size=448, size_skew=1.5, perception=0.3,
+                            backgrounds=("stripes", "checks"))
     args = build_parser().parse_args(["train-tiny", "--out", "RUN", *tiny.stage_flags(asdict(cfg)).split()])
     assert (args.lr, args.positions, args.freeze_tower, args.label_tokens, args.image_attention, args.contrast,
             args.colour_rivals, args.focus, args.focus_share, args.warm_heads, args.image_size, args.size_skew,
-            args.perception) == (2.5e-4, "grid", True, "words", "bidirectional", True, True, "side", 0.3, 300, 448,
-                                 1.5, 0.3)
+            args.perception, args.backgrounds) == (2.5e-4, "grid", True, "words", "bidirectional", True, True, "side",
+                                                   0.3, 300, 448, 1.5, 0.3, ("stripes", "checks"))
+    assert "--backgrounds" not in tiny.stage_flags(asdict(train.TrainConfig(out="RUN")))  # every family: the default
     with pytest.raises(SystemExit):  # 16 x 16 patches: the side must divide by 16
         build_parser().parse_args(["train-tiny", "--out", "RUN", "--image-size", "300"])
+    with pytest.raises(SystemExit):  # a family the generator does not draw
+        build_parser().parse_args(["train-tiny", "--out", "RUN", "--backgrounds", "stripes,plaid"])
 
 
 def test_a_stage_at_a_larger_image_size_starts_where_the_smaller_model_was(tmp_path):

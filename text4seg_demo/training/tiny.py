@@ -18,7 +18,7 @@ from pathlib import Path
 from ..descriptors import prompts
 from ..descriptors.codec import OTHERS, ROW_SEP, RUN_SEP
 from ..inference.settings import read_record, write_record
-from .synth import expressions
+from .synth import BACKGROUNDS, expressions
 
 IMAGE_SIZE, VISION_GRID = 224, 16  # default input side; vision tokens per side at any input size
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
@@ -178,6 +178,8 @@ def stage_flags(t: dict) -> str:
         flags.append(f"--perception {t['perception']}")
     if t.get("size_skew", 1.0) != 1.0:
         flags.append(f"--size-skew {t['size_skew']}")
+    if tuple(t.get("backgrounds", BACKGROUNDS)) != BACKGROUNDS:
+        flags.append(f"--backgrounds {','.join(t['backgrounds'])}")
     return " ".join(flags)
 
 

@@ -78,6 +78,7 @@ class TrainConfig:
     perception: float = 0.0  # weight of the tower stage's kind and colour loss, on as many extra scenes; 0: none
     tower: str | None = None  # the vision tower from this run instead of init's (a tower stage that went on from it)
     size_skew: float = 1.0  # training shape sizes over the domain's range as u ** size_skew: above 1, more small ones
+    backgrounds: tuple[str, ...] = synth.BACKGROUNDS  # the background families training scenes are drawn on
 
 
 class AuxHeads(nn.Module):
@@ -146,8 +147,9 @@ def encode_example(tokenizer, processor, image, expression, mask, fmt, grid, rng
 
 
 def scene_maker(seed, cfg: TrainConfig) -> synth.SceneMaker:
-    """The training scenes: the stated domain, with shape sizes skewed as ``cfg.size_skew`` says."""
-    return synth.SceneMaker(seed, replace(synth.DOMAIN, size_skew=cfg.size_skew))
+    """The training scenes: the stated domain, with shape sizes skewed as ``cfg.size_skew`` says,
+    on the background families of ``cfg.backgrounds``."""
+    return synth.SceneMaker(seed, replace(synth.DOMAIN, size_skew=cfg.size_skew, backgrounds=tuple(cfg.backgrounds)))
 
 
 def batch_triples(maker: synth.SceneMaker, cfg: TrainConfig) -> list:
