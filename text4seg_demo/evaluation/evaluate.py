@@ -111,9 +111,9 @@ def _meters(rows: list[dict]) -> dict[str, IoUMeter]:
     return meters
 
 
-def _target_pixels(row: dict) -> int:
-    """The target's pixels, from a row's kept counts."""
-    inter, union, predicted = row["counts"]["coarse"]
+def _target_pixels(row: dict, mask: str = "coarse") -> int:
+    """The target's pixels (for ``grid``: its cells on the truth's grid), from a row's kept counts."""
+    inter, union, predicted = row["counts"][mask]
     return union - predicted + inter
 
 
@@ -145,7 +145,7 @@ def _grid_losses(rows: list[dict]) -> dict[str, float] | None:
     total = 0
     for row in rows:
         inter, union, predicted = row["counts"]["grid"]
-        truth = union - predicted + inter
+        truth = _target_pixels(row, "grid")
         total += union
         if truth == 0:
             lost["marked_absent" if _target_pixels(row) == 0 else "marked_between_centres"] += predicted

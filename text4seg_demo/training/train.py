@@ -149,7 +149,7 @@ def encode_example(tokenizer, processor, image, expression, mask, fmt, grid, rng
 def scene_maker(seed, cfg: TrainConfig) -> synth.SceneMaker:
     """The training scenes: the stated domain, with shape sizes skewed as ``cfg.size_skew`` says,
     on the background families of ``cfg.backgrounds``."""
-    return synth.SceneMaker(seed, replace(synth.DOMAIN, size_skew=cfg.size_skew, backgrounds=tuple(cfg.backgrounds)))
+    return synth.SceneMaker(seed, replace(synth.DOMAIN, size_skew=cfg.size_skew, backgrounds=cfg.backgrounds))
 
 
 def batch_triples(maker: synth.SceneMaker, cfg: TrainConfig) -> list:
