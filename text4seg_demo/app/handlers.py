@@ -129,7 +129,7 @@ def metrics_table(result: Result, peak: str) -> str:
         ("refine", f"{t['refine']:.3f} s ({result.refine.get('refiner')})" if "refine" in t else "–"),
         ("total", f"{t.get('total', 0):.3f} s"), ("peak memory", peak),
     ]
-    text = "| | |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+    text = "| measure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
     if result.diagnostics:
         text += "\n\n**The answer was repaired:** " + "; ".join(d.message for d in result.diagnostics)
     if result.notes:
@@ -145,7 +145,7 @@ def peak_memory() -> str:
 
 def status_line(result: Result) -> str:
     fg = int((result.grid > 0).sum())
-    state = "⚠️ repaired answer" if result.diagnostics else "✅ well-formed answer"
+    state = "⚠ repaired answer" if result.diagnostics else "✓ well-formed answer"
     grammar = "grammar on" if result.constrained else "grammar off"
     return f"{state} ({grammar}) · {fg} of {result.grid.size} patches labelled · {result.timings.get('total', 0):.2f} s"
 
@@ -261,7 +261,7 @@ class Demo:
         try:  # load at start-up (on ZeroGPU too), so the first request does not wait for it
             self.models.get(self.model_name, "auto")
         except (ModelUnavailable, OSError, RuntimeError, ValueError) as err:
-            self.model_note += (f"\n\n⚠️ {self.model_name} could not be loaded: {err}. "
+            self.model_note += (f"\n\n⚠ {self.model_name} could not be loaded: {err}. "
                                 "Pick another model under *Advanced*.")
         self.scratch = Path(tempfile.mkdtemp(prefix="text4seg-results-"))
         self.refresh_s = REFRESH_S  # the page's refresh interval while an answer streams
@@ -326,10 +326,10 @@ class Demo:
             engine = self.models.get(name, quant)
             refiner = self.refiners.get(refine)
         except USER_ERRORS as err:
-            yield {"status": f"⚠️ {err}"}
+            yield {"status": f"⚠ {err}"}
             return
         except (OSError, RuntimeError) as err:
-            yield {"status": f"⚠️ could not load what was asked for: {err}. Pick another model or refiner."}
+            yield {"status": f"⚠ could not load what was asked for: {err}. Pick another model or refiner."}
             return
         yield {"status": "Generating…" + (" " + "; ".join(notes) if notes else ""), "compare": None}
         result, rows_shown = None, -1
@@ -347,10 +347,10 @@ class Demo:
                 elif isinstance(item, Result):
                     result = item
         except OUT_OF_MEMORY as err:
-            yield {"status": f"⚠️ {self._out_of_memory(err)}."}
+            yield {"status": f"⚠ {self._out_of_memory(err)}."}
             return
         except USER_ERRORS as err:
-            yield {"status": f"⚠️ {err}"}
+            yield {"status": f"⚠ {err}"}
             return
         result.notes[:0] = notes
         _sweep(self.scratch)
@@ -369,7 +369,7 @@ class Demo:
             try:
                 final["compare"] = self.compare(engine, name, quant, image, request, result)
             except USER_ERRORS as err:
-                final["status"] += f" · ⚠️ the full-length side failed: {err}"
+                final["status"] += f" · ⚠ the full-length side failed: {err}"
         yield final
 
     def compare(self, engine, name, quant, image, request, rrle_result) -> dict:
@@ -444,7 +444,7 @@ class Demo:
         final = list(self.analyse(image_file, expression, name=model or None, quant=quant,
                                   fmt_choice="Compare both", constrained=False, refine="none"))[-1]
         if not final.get("compare"):
-            raise UserError(final["status"].removeprefix("⚠️ "))
+            raise UserError(final["status"].removeprefix("⚠ "))
         return final["compare"]["record"]
 
     def segment_api(self, image_file, expression: str, classes: str = "", fmt: str = "",

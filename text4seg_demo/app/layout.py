@@ -66,11 +66,11 @@ def build_demo(default_model: str | None = None, public: bool = False) -> gr.Blo
                                            label="Model" if limits.public else "Model (preset, hub id, directory or MODEL @ SERVER_URL)")
                     quant = gr.Dropdown(list(QUANTS), value="auto", label="Precision")
                     fmt_in = gr.Radio(list(FORMATS), value="R-RLE", label="Descriptor format")
-                    grid_in = gr.Number(value=None, precision=0, label="Grid size (empty: the model's own)")
+                    grid_in = gr.Number(value=0, precision=0, minimum=0, label="Grid size (0: the model's own)")
                     refine = gr.Dropdown([r for r in REFINERS], value="auto", label="Refiner")
                     points = gr.Slider(1, 30, value=10, step=1, label="SAM points per side")
                     seed = gr.Number(value=0, precision=0, label="Seed")
-                    max_new = gr.Number(value=None, precision=0, label="Max new tokens (empty: worst case)")
+                    max_new = gr.Number(value=0, precision=0, minimum=0, label="Max new tokens (0: the most a grid's answer can take)")
             with gr.Column(scale=1, min_width=300):
                 answer = gr.HighlightedText(label="Raw answer (labels colour-linked to the grid)",
                                             combine_adjacent=False, show_legend=True, elem_id="answer")
