@@ -99,6 +99,8 @@ def test_the_model_runs_ahead_of_the_page():
     assert finished.is_set() and seen == ["result"]  # all 49 items made before the page's first wake-up,
     # which then shows the result alone: the events it superseded are skipped
 
+
+def test_an_error_in_the_model_reaches_the_page():
     def failing():
         yield StreamEvent("x", "x", [])
         raise MemoryError("out of memory")

@@ -39,6 +39,7 @@ from .hosting import Limits
 FORMATS = {"R-RLE": "rrle", "Full-length": "full", "Compare both": "compare"}
 USER_ERRORS = (ValueError, BadImage, ModelUnavailable, RefinerError)
 OUT_OF_MEMORY = (MemoryError, torch.cuda.OutOfMemoryError)
+WARNING = "⚠ "  # starts every message about a failure; a text glyph, so any font draws it
 FULL_PARTNER = {"tiny-rrle": "tiny-full"}  # the model that writes full-length descriptors natively
 RRLE_PARTNER = {v: k for k, v in FULL_PARTNER.items()}
 MAX_POINTS = 100  # SAM point prompts per side
@@ -145,7 +146,7 @@ def peak_memory() -> str:
 
 def status_line(result: Result) -> str:
     fg = int((result.grid > 0).sum())
-    state = "⚠ repaired answer" if result.diagnostics else "✓ well-formed answer"
+    state = f"{WARNING}repaired answer" if result.diagnostics else "✓ well-formed answer"
     grammar = "grammar on" if result.constrained else "grammar off"
     return f"{state} ({grammar}) · {fg} of {result.grid.size} patches labelled · {result.timings.get('total', 0):.2f} s"
 
@@ -261,7 +262,7 @@ class Demo:
         try:  # load at start-up (on ZeroGPU too), so the first request does not wait for it
             self.models.get(self.model_name, "auto")
         except (ModelUnavailable, OSError, RuntimeError, ValueError) as err:
-            self.model_note += (f"\n\n⚠ {self.model_name} could not be loaded: {err}. "
+            self.model_note += (f"\n\n{WARNING}{self.model_name} could not be loaded: {err}. "
                                 "Pick another model under *Advanced*.")
         self.scratch = Path(tempfile.mkdtemp(prefix="text4seg-results-"))
         self.refresh_s = REFRESH_S  # the page's refresh interval while an answer streams
@@ -326,10 +327,10 @@ class Demo:
             engine = self.models.get(name, quant)
             refiner = self.refiners.get(refine)
         except USER_ERRORS as err:
-            yield {"status": f"⚠ {err}"}
+            yield {"status": f"{WARNING}{err}"}
             return
         except (OSError, RuntimeError) as err:
-            yield {"status": f"⚠ could not load what was asked for: {err}. Pick another model or refiner."}
+            yield {"status": f"{WARNING}could not load what was asked for: {err}. Pick another model or refiner."}
             return
         yield {"status": "Generating…" + (" " + "; ".join(notes) if notes else ""), "compare": None}
         result, rows_shown = None, -1
@@ -347,10 +348,10 @@ class Demo:
                 elif isinstance(item, Result):
                     result = item
         except OUT_OF_MEMORY as err:
-            yield {"status": f"⚠ {self._out_of_memory(err)}."}
+            yield {"status": f"{WARNING}{self._out_of_memory(err)}."}
             return
         except USER_ERRORS as err:
-            yield {"status": f"⚠ {err}"}
+            yield {"status": f"{WARNING}{err}"}
             return
         result.notes[:0] = notes
         _sweep(self.scratch)
@@ -369,7 +370,7 @@ class Demo:
             try:
                 final["compare"] = self.compare(engine, name, quant, image, request, result)
             except USER_ERRORS as err:
-                final["status"] += f" · ⚠ the full-length side failed: {err}"
+                final["status"] += f" · {WARNING}the full-length side failed: {err}"
         yield final
 
     def compare(self, engine, name, quant, image, request, rrle_result) -> dict:
@@ -444,7 +445,7 @@ class Demo:
         final = list(self.analyse(image_file, expression, name=model or None, quant=quant,
                                   fmt_choice="Compare both", constrained=False, refine="none"))[-1]
         if not final.get("compare"):
-            raise UserError(final["status"].removeprefix("⚠ "))
+            raise UserError(final["status"].removeprefix(WARNING))
         return final["compare"]["record"]
 
     def segment_api(self, image_file, expression: str, classes: str = "", fmt: str = "",
