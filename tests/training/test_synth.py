@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from text4seg_demo.training import synth
 
@@ -80,6 +80,26 @@ def test_the_shifted_split_draws_smaller_shapes_in_busier_scenes():
     (count, size), (shifted_count, shifted_size) = stats(synth.DOMAIN), stats(synth.SHIFTED)
     assert shifted_count > count + 0.5 and shifted_size < 0.8 * size
     assert set(synth.SHIFTED.backgrounds) <= set(synth.BACKGROUNDS) and synth.SHIFTED.saturation[0] > 0.5
+
+
+def test_the_domain_overlaps_shapes_and_lets_them_reach_past_the_edge():
+    def stats(domain):
+        maker = synth.SceneMaker(12, domain)
+        hidden, cut = [], 0
+        for i in range(84):
+            image, visible, shapes = maker.scene(synth.KINDS[i % 7])
+            w, h = image.size
+            for k, s in enumerate(shapes, start=1):
+                drawn = Image.new("L", (3 * w, 3 * h))  # the image in the middle, room for what lies beyond
+                ImageDraw.Draw(drawn).polygon([(x + w, y + h) for x, y in s.polygon()], fill=1)
+                whole, inside = np.asarray(drawn), np.asarray(drawn)[h:2 * h, w:2 * w]
+                hidden.append(1 - (visible == k).sum() / max(inside.sum(), 1))  # under later shapes
+                cut += inside.sum() < 0.9 * whole.sum()
+        return np.mean(hidden), cut
+
+    (hidden, cut), (old_hidden, old_cut) = stats(synth.DOMAIN), stats(synth.SHIFTED)
+    assert hidden > 1.5 * old_hidden and cut >= 8 and old_cut == 0
+    assert min(synth.DOMAIN.spacing) < 0.5 and synth.SHIFTED.spacing == (0.85, 0.85)
 
 
 def test_contrasting_pairs_share_the_image_and_differ_in_words_and_target():

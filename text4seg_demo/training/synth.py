@@ -91,11 +91,15 @@ class Domain:
     blur: float  # chance of a Gaussian blur
     jpeg: float  # chance of a JPEG round trip
     shades: bool = True  # shapes in any shade of their colour (SHADES), else in COLOURS' own
+    # shapes' centres keep this share of their summed radii apart, drawn per scene: below 1 they
+    # overlap, the shape drawn last winning
+    spacing: tuple[float, float] = (0.85, 0.85)
+    edge: float = 0.0  # chance that a scene's shapes may reach past the image's edge, by up to 0.7 of a radius
 
 
 BACKGROUNDS = ("solid", "gradient", "noisy", "stripes", "checks", "blotches")
 DOMAIN = Domain(backgrounds=BACKGROUNDS, saturation=(0.0, 1.0), value=(0.15, 1.0), texture_period=(8, 160),
-                size_skew=1.0, shapes=(1, 8), noise=0.2, blur=0.25, jpeg=0.4)
+                size_skew=1.0, shapes=(1, 8), noise=0.2, blur=0.25, jpeg=0.4, spacing=(0.45, 0.85), edge=0.25)
 SHIFTED = Domain(backgrounds=("stripes", "checks", "blotches", "gradient"), saturation=(0.55, 1.0),
                  value=(0.5, 1.0), texture_period=(80, 160), size_skew=2.0, shapes=(3, 8), noise=0.4,
                  blur=0.4, jpeg=0.8)
@@ -195,19 +199,21 @@ class SceneMaker:
     def __init__(self, seed: int, domain: Domain = DOMAIN):
         self.rng = np.random.default_rng(seed)
         self.domain = domain
+        self.spacing, self.margin = domain.spacing[0], 1.0  # this scene's, set by scene()
 
     def _fraction(self, lo: float, hi: float) -> float:
         """A size in ``lo..hi`` (a share of the short side), skewed as the domain says."""
         return lo + (hi - lo) * float(self.rng.random()) ** self.domain.size_skew
 
     def _place(self, shapes: list[Shape], shape: Shape, w: int, h: int, region=None) -> bool:
-        """Move ``shape`` to a spot inside the image that overlaps others only a little."""
-        r = shape.size / 2
+        """Move ``shape`` to a spot that keeps the scene's spacing from the others and its margin
+        (a share of its radius) inside the image's edges."""
+        r, inset = shape.size / 2, self.margin * shape.size / 2
         for _ in range(60):
             x0, x1, y0, y1 = region or (0, 1, 0, 1)
-            shape.cx = float(self.rng.uniform(max(r, x0 * w), max(r + 1, min(w - r, x1 * w))))
-            shape.cy = float(self.rng.uniform(max(r, y0 * h), max(r + 1, min(h - r, y1 * h))))
-            if all(math.hypot(shape.cx - s.cx, shape.cy - s.cy) > 0.85 * (r + s.size / 2) for s in shapes):
+            shape.cx = float(self.rng.uniform(max(inset, x0 * w), max(inset + 1, min(w - inset, x1 * w))))
+            shape.cy = float(self.rng.uniform(max(inset, y0 * h), max(inset + 1, min(h - inset, y1 * h))))
+            if all(math.hypot(shape.cx - s.cx, shape.cy - s.cy) > self.spacing * (r + s.size / 2) for s in shapes):
                 shapes.append(shape)
                 return True
         return False
@@ -229,6 +235,10 @@ class SceneMaker:
         short = int(rng.integers(128, 641))
         aspect = float(np.exp(rng.uniform(math.log(0.5), math.log(2.0))))
         w, h = (int(short * aspect), short) if aspect >= 1 else (short, int(short / aspect))
+        # a fixed range or a zero chance draws nothing, so such a domain's scenes stay as they were
+        lo, hi = self.domain.spacing
+        self.spacing = float(rng.uniform(lo, hi)) if hi > lo else lo
+        self.margin = 0.3 if self.domain.edge and rng.random() < self.domain.edge else 1.0
         shapes: list[Shape] = []
         kind = None  # the focus shape kind, kept unique to the focus pair
         if focus == "side":

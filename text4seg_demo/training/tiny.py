@@ -129,7 +129,8 @@ def _fixed_queries_domain():
 
     from .synth import DOMAIN
 
-    return dataclasses.replace(DOMAIN, texture_period=(12, 80), shapes=(1, 6), shades=False)
+    return dataclasses.replace(DOMAIN, texture_period=(12, 80), shapes=(1, 6), shades=False, spacing=(0.85, 0.85),
+                               edge=0.0)
 
 
 def fixed_queries():
