@@ -94,7 +94,7 @@ class Domain:
     # shapes' centres keep this share of their summed radii apart, drawn per scene: below 1 they
     # overlap, the shape drawn last winning
     spacing: tuple[float, float] = (0.85, 0.85)
-    edge: float = 0.0  # chance that a scene's shapes may reach past the image's edge, by up to 0.7 of a radius
+    edge: float = 0.0  # chance that a scene's shapes may reach past the image's edge (see EDGE_INSET)
 
 
 BACKGROUNDS = ("solid", "gradient", "noisy", "stripes", "checks", "blotches")
@@ -104,6 +104,18 @@ SHIFTED = Domain(backgrounds=("stripes", "checks", "blotches", "gradient"), satu
                  value=(0.5, 1.0), texture_period=(80, 160), size_skew=2.0, shapes=(3, 8), noise=0.4,
                  blur=0.4, jpeg=0.8)
 SPLITS = {"domain": DOMAIN, "shifted": SHIFTED}
+EDGE_INSET = 0.3  # a shape that may reach past the edge keeps its centre this share of its radius inside
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One scene's frame and placement rule: its size, how close two centres may come (a share
+    of their summed radii) and how far inside the edge a centre stays (a share of its radius)."""
+
+    w: int
+    h: int
+    spacing: float
+    margin: float
 
 # Every background colour keeps CIE76 distance MIN_DELTA_E (CIELAB, D65) from each colour of
 # COLOURS and each shade drawn in its scene: more than the two closest colours of COLOURS, blue
@@ -199,21 +211,21 @@ class SceneMaker:
     def __init__(self, seed: int, domain: Domain = DOMAIN):
         self.rng = np.random.default_rng(seed)
         self.domain = domain
-        self.spacing, self.margin = domain.spacing[0], 1.0  # this scene's, set by scene()
 
     def _fraction(self, lo: float, hi: float) -> float:
         """A size in ``lo..hi`` (a share of the short side), skewed as the domain says."""
         return lo + (hi - lo) * float(self.rng.random()) ** self.domain.size_skew
 
-    def _place(self, shapes: list[Shape], shape: Shape, w: int, h: int, region=None) -> bool:
-        """Move ``shape`` to a spot that keeps the scene's spacing from the others and its margin
-        (a share of its radius) inside the image's edges."""
-        r, inset = shape.size / 2, self.margin * shape.size / 2
+    def _place(self, shapes: list[Shape], shape: Shape, layout: Layout, region=None) -> bool:
+        """Move ``shape`` to a spot that keeps the layout's spacing from the others and its centre
+        the layout's margin (a share of its radius) inside the image's edges."""
+        w, h = layout.w, layout.h
+        r, inset = shape.size / 2, layout.margin * shape.size / 2
         for _ in range(60):
             x0, x1, y0, y1 = region or (0, 1, 0, 1)
             shape.cx = float(self.rng.uniform(max(inset, x0 * w), max(inset + 1, min(w - inset, x1 * w))))
             shape.cy = float(self.rng.uniform(max(inset, y0 * h), max(inset + 1, min(h - inset, y1 * h))))
-            if all(math.hypot(shape.cx - s.cx, shape.cy - s.cy) > self.spacing * (r + s.size / 2) for s in shapes):
+            if all(math.hypot(shape.cx - s.cx, shape.cy - s.cy) > layout.spacing * (r + s.size / 2) for s in shapes):
                 shapes.append(shape)
                 return True
         return False
@@ -237,34 +249,34 @@ class SceneMaker:
         w, h = (int(short * aspect), short) if aspect >= 1 else (short, int(short / aspect))
         # a fixed range or a zero chance draws nothing, so such a domain's scenes stay as they were
         lo, hi = self.domain.spacing
-        self.spacing = float(rng.uniform(lo, hi)) if hi > lo else lo
-        self.margin = 0.3 if self.domain.edge and rng.random() < self.domain.edge else 1.0
+        layout = Layout(w, h, float(rng.uniform(lo, hi)) if hi > lo else lo,
+                        EDGE_INSET if self.domain.edge and rng.random() < self.domain.edge else 1.0)
         shapes: list[Shape] = []
         kind = None  # the focus shape kind, kept unique to the focus pair
         if focus == "side":
             kind, axis = str(rng.choice(SHAPES)), int(rng.integers(0, 2))
             for lo, hi in ((0.0, 0.42), (0.58, 1.0)):
                 region = (lo, hi, 0, 1) if axis == 0 else (0, 1, lo, hi)
-                self._place(shapes, self._new(short, kind, size=self._fraction(0.05, 0.3) * short), w, h, region)
+                self._place(shapes, self._new(short, kind, size=self._fraction(0.05, 0.3) * short), layout, region)
         elif focus == "size":
             kind, small = str(rng.choice(SHAPES)), self._fraction(0.05, 0.18)
             for frac in (small, rng.uniform(max(small * 1.7, 0.2), 0.4)):
-                self._place(shapes, self._new(short, kind, size=frac * short), w, h)
+                self._place(shapes, self._new(short, kind, size=frac * short), layout)
         elif focus in ("all_colour", "all_shape"):
             colour, kind = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
             for _ in range(int(rng.integers(2, 4))):
                 self._place(shapes, self._new(short, kind if focus == "all_shape" else None,
                                               colour if focus == "all_colour" else None,
-                                              size=self._fraction(0.05, 0.28) * short), w, h)
+                                              size=self._fraction(0.05, 0.28) * short), layout)
         elif focus in ("colour_shape", "absent") and colour_rivals:
             twin, other = (str(k) for k in rng.choice(SHAPES, 2, replace=False))
             first, second = (str(c) for c in rng.choice(list(COLOURS), 2, replace=False))
             for k, c in ((twin, first), (twin, second), (other, first)):
-                self._place(shapes, self._new(short, k, c, size=self._fraction(0.05, 0.3) * short), w, h)
+                self._place(shapes, self._new(short, k, c, size=self._fraction(0.05, 0.3) * short), layout)
         others = [k for k in SHAPES if focus not in ("side", "size") or k != kind]
         for _ in range(int(rng.integers(self.domain.shapes[0], self.domain.shapes[1] + 1)) - len(shapes)):
             extra = self._new(short, str(rng.choice(others)), size=self._fraction(0.05, 0.3 if shapes else 0.4) * short)
-            self._place(shapes, extra, w, h)
+            self._place(shapes, extra, layout)
         order = rng.permutation(len(shapes))
         shapes = [shapes[i] for i in order]
 
