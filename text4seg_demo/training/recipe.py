@@ -44,6 +44,7 @@ STAGES = (
     Stage("polish-7", {"steps": 1500, "lr": 1e-4, "seed": 7}),
     Stage("polish-8", {"steps": 1500, "lr": 1e-4, "seed": 8}),
     Stage("shades", {"steps": 1300, "lr": 1e-4, "seed": 14}),
+    Stage("crowds", {"steps": 1500, "lr": 1e-4, "seed": 21}),
 )
 # The full-length model's own stage, from the last of STAGES: the same grid, written cell by cell.
 FULL = Stage("full", {"fmt": "full", "steps": 1500, "lr": 2e-4, "seed": 11})

@@ -114,11 +114,12 @@ def save_pretrained(model, tokenizer, out: str | Path, settings: dict) -> Path:
 
 
 FIXED_QUERIES_SEED, FIXED_QUERIES = 777, 20
-GENERATOR = "shades"  # the scenes stages train on now (synth.DOMAIN); stage records say which they saw
+GENERATOR = "crowds"  # the scenes stages train on now (synth.DOMAIN); stage records say which they saw
 EARLIER_GENERATORS = {  # what a card says of a stage that saw another generator
     None: "scenes of the earlier generator (dull solid, gradient and noisy backgrounds only)",
     "domain-wide": "scenes of the first domain-wide generator (textures at 12-80 px, 1-6 shapes a scene)",
     "domain-wide-2": "scenes of the domain-wide generator before shades (each colour one RGB triple)",
+    "shades": "scenes of the domain-wide generator before crowds (shapes kept apart, none cut by the edge)",
 }
 
 
