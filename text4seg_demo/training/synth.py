@@ -117,6 +117,7 @@ class Layout:
     spacing: float
     margin: float
 
+
 # Every background colour keeps CIE76 distance MIN_DELTA_E (CIELAB, D65) from each colour of
 # COLOURS and each shade drawn in its scene: more than the two closest colours of COLOURS, blue
 # and purple, are apart (30), so a shape's colour is never in doubt against its background.
@@ -221,8 +222,8 @@ class SceneMaker:
         the layout's margin (a share of its radius) inside the image's edges."""
         w, h = layout.w, layout.h
         r, inset = shape.size / 2, layout.margin * shape.size / 2
+        x0, x1, y0, y1 = region or (0, 1, 0, 1)
         for _ in range(60):
-            x0, x1, y0, y1 = region or (0, 1, 0, 1)
             shape.cx = float(self.rng.uniform(max(inset, x0 * w), max(inset + 1, min(w - inset, x1 * w))))
             shape.cy = float(self.rng.uniform(max(inset, y0 * h), max(inset + 1, min(h - inset, y1 * h))))
             if all(math.hypot(shape.cx - s.cx, shape.cy - s.cy) > layout.spacing * (r + s.size / 2) for s in shapes):
