@@ -10,27 +10,26 @@ from text4seg_demo.training import recipe, tower, train
 STAGE_FIELDS = ("steps", "lr", "seed", "freeze_tower", "image_attention", "focus", "focus_share")
 
 
-def test_the_recipe_is_the_stages_that_made_the_bundled_rrle_model():
-    lineage = train._lineage("tiny-rrle")
+@pytest.mark.parametrize("fmt", ["rrle", "full"])
+def test_the_recipe_is_the_stages_that_made_the_bundled_model(fmt):
+    lineage = train._lineage(f"tiny-{fmt}")
     assert lineage[0]["stage"] == "tower"
     assert {k: lineage[0][k] for k in ("steps", "batch", "lr")} == {
         k: getattr(tower.TowerConfig, k) for k in ("steps", "batch", "lr")}
     made = lineage[1:]
-    assert len(made) == len(recipe.STAGES)
-    for stage, record in zip(recipe.STAGES, made):
-        expected = {**{k: getattr(train.TrainConfig, k) for k in STAGE_FIELDS}, **stage.options}
-        assert {k: record[k] for k in STAGE_FIELDS} == expected, stage.name
+    stages = (*recipe.STAGES, recipe.OWN[fmt])
+    assert len(made) == len(stages)
+    for stage, record in zip(stages, made):
+        expected = {**{k: getattr(train.TrainConfig, k) for k in ("fmt", *STAGE_FIELDS)}, **stage.options}
+        assert {k: record[k] for k in ("fmt", *STAGE_FIELDS)} == expected, stage.name
         # stages that restarted from the bundled weights kept the model still while fresh heads learnt;
         # the recipe carries the heads from stage to stage and needs no such steps
-        assert record["fmt"] == "rrle" and "warm_heads" not in stage.options
+        assert "warm_heads" not in stage.options
 
 
-def test_the_full_length_model_is_the_rrle_one_then_the_recipes_full_stage():
-    made = train._lineage("tiny-full")
-    assert made[:-1] == train._lineage("tiny-rrle")
-    expected = {**{k: getattr(train.TrainConfig, k) for k in ("fmt", *STAGE_FIELDS)}, **recipe.FULL.options}
-    assert {k: made[-1][k] for k in ("fmt", *STAGE_FIELDS)} == expected
-    assert made[-1]["init"] == made[-2]["out"]  # from the last shared stage, its heads included
+def test_the_two_models_share_every_stage_but_their_own():
+    rrle, full = train._lineage("tiny-rrle"), train._lineage("tiny-full")
+    assert rrle[:-1] == full[:-1] and rrle[-1] != full[-1]
 
 
 class Recorder:
@@ -80,21 +79,23 @@ def test_rebuild_chains_the_stages_and_continues_where_a_stop_left_it(tmp_path, 
     monkeypatch.setattr(train, "train", reused.train)
     recipe.rebuild("rrle", tmp_path / "rrle", tower=out / "tower", until="grounding", log=lambda m: None)
     assert [(c[0], c[2], c[4]) for c in reused.calls] == [("grounding", str(out / "tower"), "rrle")]
-    with pytest.raises(ValueError, match=f"unknown stage 'last'.*{recipe.STAGES[-1].name}$"):
+    with pytest.raises(ValueError, match=f"unknown stage 'last'.*{recipe.OWN['rrle'].name}$"):
         recipe.rebuild("rrle", out, until="last")
     with pytest.raises(ValueError, match="unknown stage 'full'"):
         recipe.rebuild("rrle", out, until="full")
 
 
-def test_the_full_length_rebuild_shares_every_stage_and_adds_its_own(tmp_path, monkeypatch):
+def test_the_second_format_shares_every_stage_and_trains_only_its_own(tmp_path, monkeypatch):
     first = Recorder()
     monkeypatch.setattr(tower, "train_tower", first.train_tower)
     monkeypatch.setattr(train, "train", first.train)
     out = tmp_path / "runs"
-    assert recipe.rebuild("rrle", out, log=lambda m: None) == out / recipe.STAGES[-1].name
+    last_shared = str(out / recipe.STAGES[-1].name)
+    assert recipe.rebuild("rrle", out, log=lambda m: None) == out / "settle"
     assert {c[4] for c in first.calls[1:]} == {"rrle"} and len(first.calls) == len(recipe.NAMES) - 1
+    assert first.calls[-1] == ("settle", str(out / "settle"), last_shared, False, "rrle", 5e-5, 1500)
 
     then = Recorder()
     monkeypatch.setattr(train, "train", then.train)
     assert recipe.rebuild("full", out, log=lambda m: None) == out / "full"
-    assert then.calls == [("full", str(out / "full"), str(out / recipe.STAGES[-1].name), False, "full", 2e-4, 1500)]
+    assert then.calls == [("full", str(out / "full"), last_shared, False, "full", 2e-4, 1500)]
