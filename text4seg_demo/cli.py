@@ -50,6 +50,13 @@ def _skew(text: str) -> float:
     return value
 
 
+def _decay(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"a decay must be at least 0 and under 1 (0: no average), got {value}")
+    return value
+
+
 def _backgrounds(text: str) -> tuple[str, ...]:
     from .training.synth import BACKGROUNDS
 
@@ -255,7 +262,7 @@ def cmd_train_tiny(args) -> int:
                       image_attention=args.image_attention, contrast=args.contrast,
                       colour_rivals=args.colour_rivals, focus=args.focus, focus_share=args.focus_share,
                       warm_heads=args.warm_heads, image_size=args.image_size, perception=args.perception,
-                      tower=str(args.tower) if args.tower else None, size_skew=args.size_skew,
+                      tower=str(args.tower) if args.tower else None, size_skew=args.size_skew, ema=args.ema,
                       bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
     path = train(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"model written to {path}", file=sys.stderr)
@@ -494,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--size-skew", type=_skew, default=1.0, metavar="S",
                     help="draw shape sizes over the domain's 5-40%% of the short side as u ** S for uniform u: "
                          "above 1, more small shapes, which the models read worst (default 1: uniform)")
+    tt.add_argument("--ema", type=_decay, default=0.0, metavar="DECAY",
+                    help="keep a moving average of the weights (each step moves it 1 - DECAY of the way) and "
+                         "export it instead of the last step's weights (default 0: none)")
     tt.add_argument("--backgrounds", type=_backgrounds, default=None, metavar="FAMILIES",
                     help="draw training scenes on these background families only, comma-separated, each with all "
                          "of the domain's colours and texture periods (default: every family, "

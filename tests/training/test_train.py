@@ -65,15 +65,17 @@ def test_a_model_cards_command_line_gives_back_its_stage():
     cfg = train.TrainConfig(out="RUN", lr=2.5e-4, positions="grid", freeze_tower=True, label_tokens="words",
                             image_attention="bidirectional", contrast=True, colour_rivals=True, focus="side",
                             focus_share=0.3, warm_heads=300, image_size=448, size_skew=1.5, perception=0.3,
-                            backgrounds=("stripes", "checks"))
+                            backgrounds=("stripes", "checks"), ema=0.997)
     args = build_parser().parse_args(["train-tiny", "--out", "RUN", *tiny.stage_flags(asdict(cfg)).split()])
     assert (args.lr, args.positions, args.freeze_tower, args.label_tokens, args.image_attention, args.contrast,
             args.colour_rivals, args.focus, args.focus_share, args.warm_heads, args.image_size, args.size_skew,
-            args.perception, args.backgrounds) == (2.5e-4, "grid", True, "words", "bidirectional", True, True, "side",
-                                                   0.3, 300, 448, 1.5, 0.3, ("stripes", "checks"))
+            args.perception, args.backgrounds, args.ema) == (2.5e-4, "grid", True, "words", "bidirectional", True, True,
+                                                             "side", 0.3, 300, 448, 1.5, 0.3, ("stripes", "checks"), 0.997)
     assert "--backgrounds" not in tiny.stage_flags(asdict(train.TrainConfig(out="RUN")))  # every family: the default
     with pytest.raises(SystemExit):  # 16 x 16 patches: the side must divide by 16
         build_parser().parse_args(["train-tiny", "--out", "RUN", "--image-size", "300"])
+    with pytest.raises(SystemExit):  # a decay of 1 would never move the average
+        build_parser().parse_args(["train-tiny", "--out", "RUN", "--ema", "1"])
     with pytest.raises(SystemExit):  # a family the generator does not draw
         build_parser().parse_args(["train-tiny", "--out", "RUN", "--backgrounds", "stripes,plaid"])
 
@@ -260,6 +262,28 @@ def test_warm_heads_steps_train_only_the_fresh_heads_then_everything(tmp_path):
     assert not all(torch.equal(after_warm["heads"][k], fresh[k]) for k in fresh)  # the heads learnt
     train.train(train.TrainConfig(out=cfg.out, steps=3), resume=True, log=lambda m: None)
     assert not all(torch.equal(state()["model"][k], saved[k]) for k in saved)  # then everything moves
+
+
+def test_a_stage_with_ema_exports_and_hands_on_the_average_of_its_steps(tmp_path):
+    cfg = train.TrainConfig(out=str(tmp_path / "run"), text_layers=2, batch=2, steps=1, eval_queries=0, lr=1e-2,
+                            warmup=1, ema=0.25)
+    train.train(cfg, log=lambda m: None)
+
+    def state():
+        return torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+
+    first = state()["model"]
+    train.train(train.TrainConfig(out=cfg.out, steps=2), resume=True, log=lambda m: None)
+    second = state()
+    average = train.stage_weights(second)
+    key = "model.language_model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(first[key], second["model"][key])
+    # the first step's weights start the average; each later step moves it 1 - decay of the way
+    assert torch.allclose(average[key], 0.25 * first[key] + 0.75 * second["model"][key])
+    exported = LlavaForConditionalGeneration.from_pretrained(tmp_path / "run" / "model", dtype=torch.float32)
+    assert torch.allclose(exported.state_dict()[key], average[key], atol=1e-3)
+    tower_key = "encoder.layers.0.mlp.fc1.weight"  # a stage that goes on from the run starts from the average
+    assert torch.equal(train.tower_weights(cfg.out)[tower_key], average["model.vision_tower." + tower_key])
 
 
 def test_after_its_warm_heads_steps_the_model_warms_up_and_ends_where_the_heads_end():

@@ -182,6 +182,8 @@ def stage_flags(t: dict) -> str:
         flags.append(f"--size-skew {t['size_skew']}")
     if tuple(t.get("backgrounds", BACKGROUNDS)) != BACKGROUNDS:
         flags.append(f"--backgrounds {','.join(t['backgrounds'])}")
+    if t.get("ema"):
+        flags.append(f"--ema {t['ema']}")
     return " ".join(flags)
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..descriptors import codec, prompts
 from ..evaluation.metrics import iou
@@ -79,6 +80,7 @@ class TrainConfig:
     tower: str | None = None  # the vision tower from this run instead of init's (a tower stage that went on from it)
     size_skew: float = 1.0  # training shape sizes over the domain's range as u ** size_skew: above 1, more small ones
     backgrounds: tuple[str, ...] = synth.BACKGROUNDS  # the background families training scenes are drawn on
+    ema: float = 0.0  # decay of a moving average of the weights, which the stage exports instead of its last step's; 0: none
 
 
 class AuxHeads(nn.Module):
@@ -277,7 +279,7 @@ def _initialise(model, heads, init: str, tokenizer) -> str:
         if "tower" in start:  # a tower stage (tower.py): the rest starts afresh
             model.model.vision_tower.load_state_dict(fit_patches(start["tower"], model.model.vision_tower))
             return f"vision tower initialised from the tower stage {init} (step {start['step']})"
-        _load_weights(model, start["model"], init)
+        _load_weights(model, stage_weights(start), init)
         heads.load_state_dict({**heads.state_dict(), **_answer_heads(start["heads"])})
         return f"initialised from the run {init} (step {start['step']}, {start['config']['fmt']})"
     if (source / "model.safetensors").exists():
@@ -300,12 +302,20 @@ def tower_weights(init: str) -> dict:
         if "tower" in start:
             return start["tower"]
         prefix = "model.vision_tower."
-        return {key[len(prefix):]: value for key, value in start["model"].items() if key.startswith(prefix)}
+        return {key[len(prefix):]: value for key, value in stage_weights(start).items() if key.startswith(prefix)}
     if (source / "model.safetensors").exists():
         from transformers import LlavaForConditionalGeneration
 
         return LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32).model.vision_tower.state_dict()
     raise FileNotFoundError(f"{init}: no checkpoint.pt or model.safetensors in {source} to take a vision tower from")
+
+
+def stage_weights(state: dict) -> dict:
+    """The model weights a LLaVA stage's checkpoint stands for: the moving average where the stage
+    kept one (``--ema``), else its last step's."""
+    if "ema" not in state:
+        return state["model"]
+    return {key.removeprefix("module."): value for key, value in state["ema"].items() if key.startswith("module.")}
 
 
 def _answer_heads(weights: dict) -> dict:
@@ -397,6 +407,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
                               synth.SceneMaker(cfg.seed + 10**5))
         log(f"perception head fitted to the starting tower (loss {loss:.3f})")
     model.model.vision_tower.requires_grad_(not cfg.freeze_tower)
+    # Low-rate stages move the answers around as much as they improve them: averaging the weights
+    # over the last few hundred steps keeps what the steps agree on.
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) if cfg.ema else None
     groups = [[p for p in module.parameters() if p.requires_grad] for module in (model, heads)]
     params = [*groups[0], *groups[1]]
     opt = torch.optim.AdamW([{"params": group} for group in groups], lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -404,6 +417,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
         opt.load_state_dict(state["opt"])
+        if averaged is not None:
+            averaged.load_state_dict(state["ema"])
         log(f"resumed at step {run.step} ({run.minutes():.1f} min)")
     if cfg.bf16 is None:
         cfg.bf16 = device.type == "cpu" and native_bf16()
@@ -416,8 +431,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
 
     def checkpoint():
         run.save(model=model.state_dict(), heads=heads.state_dict(), opt=opt.state_dict(), config=asdict(cfg),
-                 device=device.type, hardware=describe(device))
-        run.record(grid_ciou(model, tokenizer, processor, queries, cfg) if queries else {}, log)
+                 device=device.type, hardware=describe(device),
+                 **({"ema": averaged.state_dict()} if averaged is not None else {}))
+        exported = averaged.module if averaged is not None else model
+        run.record(grid_ciou(exported, tokenizer, processor, queries, cfg) if queries else {}, log)
 
     def make(numpy_rng, rng):
         maker = scene_maker(numpy_rng, cfg)
@@ -437,6 +454,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
                           if cfg.perception else torch.zeros(()))
         loss = lm + cfg.patch_weight * patch + cfg.row_weight * row + cfg.perception * perception
         descend(opt, params, loss)
+        if averaged is not None:
+            averaged.update_parameters(model)
         done, minutes = run.step + 1, run.minutes()
         if cfg.steps is None:
             est_total = max(done + 1, int(done * budget / max(minutes, 1e-6)))
@@ -452,7 +471,7 @@ def _load_run(run: str | Path):
     cfg = TrainConfig(**state["config"])
     tokenizer = tiny.build_tokenizer(tiny.training_corpus(), label_tokens=cfg.label_tokens)
     model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed, image_size=cfg.image_size)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(stage_weights(state))
     return state, cfg, tokenizer, model
 
 
