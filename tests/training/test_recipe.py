@@ -17,7 +17,7 @@ def test_the_recipe_is_the_stages_that_made_the_bundled_model(fmt):
     assert {k: lineage[0][k] for k in ("steps", "batch", "lr")} == {
         k: getattr(tower.TowerConfig, k) for k in ("steps", "batch", "lr")}
     made = lineage[1:]
-    stages = (*recipe.STAGES, recipe.OWN[fmt])
+    stages = (*recipe.STAGES, *recipe.OWN[fmt])
     assert len(made) == len(stages)
     for stage, record in zip(stages, made):
         expected = {**{k: getattr(train.TrainConfig, k) for k in ("fmt", *STAGE_FIELDS)}, **stage.options}
@@ -29,7 +29,10 @@ def test_the_recipe_is_the_stages_that_made_the_bundled_model(fmt):
 
 def test_the_two_models_share_every_stage_but_their_own():
     rrle, full = train._lineage("tiny-rrle"), train._lineage("tiny-full")
-    assert rrle[:-1] == full[:-1] and rrle[-1] != full[-1]
+    shared = 1 + len(recipe.STAGES)  # the tower stage, then STAGES
+    assert rrle[:shared] == full[:shared]
+    assert len(rrle) == shared + len(recipe.OWN["rrle"]) and len(full) == shared + len(recipe.OWN["full"])
+    assert rrle[shared] != full[shared]
 
 
 class Recorder:
@@ -79,7 +82,7 @@ def test_rebuild_chains_the_stages_and_continues_where_a_stop_left_it(tmp_path, 
     monkeypatch.setattr(train, "train", reused.train)
     recipe.rebuild("rrle", tmp_path / "rrle", tower=out / "tower", until="grounding", log=lambda m: None)
     assert [(c[0], c[2], c[4]) for c in reused.calls] == [("grounding", str(out / "tower"), "rrle")]
-    with pytest.raises(ValueError, match=f"unknown stage 'last'.*{recipe.OWN['rrle'].name}$"):
+    with pytest.raises(ValueError, match=f"unknown stage 'last'.*{recipe.OWN['rrle'][-1].name}$"):
         recipe.rebuild("rrle", out, until="last")
     with pytest.raises(ValueError, match="unknown stage 'full'"):
         recipe.rebuild("rrle", out, until="full")
@@ -91,9 +94,10 @@ def test_the_second_format_shares_every_stage_and_trains_only_its_own(tmp_path, 
     monkeypatch.setattr(train, "train", first.train)
     out = tmp_path / "runs"
     last_shared = str(out / recipe.STAGES[-1].name)
-    assert recipe.rebuild("rrle", out, log=lambda m: None) == out / "settle"
+    assert recipe.rebuild("rrle", out, log=lambda m: None) == out / "settle-2"
     assert {c[4] for c in first.calls[1:]} == {"rrle"} and len(first.calls) == len(recipe.NAMES) - 1
-    assert first.calls[-1] == ("settle", str(out / "settle"), last_shared, False, "rrle", 5e-5, 1500)
+    assert first.calls[-2:] == [("settle", str(out / "settle"), last_shared, False, "rrle", 5e-5, 1500),
+                                ("settle-2", str(out / "settle-2"), str(out / "settle"), False, "rrle", 1e-4, 1400)]
 
     then = Recorder()
     monkeypatch.setattr(train, "train", then.train)

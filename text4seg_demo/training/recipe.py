@@ -5,8 +5,8 @@ from the one before (weights and training heads), so rebuilding a model is one c
 A finished stage (``DIR/<stage>/model``) is kept and an interrupted one resumed, so the same command
 continues a rebuild after any stop. Every stage is counted in steps, which mean the same on a GPU
 and a CPU. Both formats take the same stages, trained on R-RLE answers (a quarter of the tokens of
-full-length ones); then each format takes one stage of its own from the last shared one, so the two
-commands may share ``DIR`` and the second trains only its own stage.
+full-length ones); then each format takes stages of its own from the last shared one, so the two
+commands may share ``DIR`` and the second trains only its own.
 """
 
 from __future__ import annotations
@@ -46,13 +46,15 @@ STAGES = (
     Stage("shades", {"steps": 1300, "lr": 1e-4, "seed": 14}),
     Stage("crowds", {"steps": 1500, "lr": 1e-4, "seed": 21}),
 )
-# Each format's own stage, from the last of STAGES. R-RLE: half the rate, absent targets among the
-# kinds that get scenes of their own. Full-length: the same grid, written cell by cell.
+# Each format's own stages, from the last of STAGES. R-RLE: absent targets among the kinds that
+# get scenes of their own, at half the rate, then at the full one. Full-length: the same grid,
+# written cell by cell.
 OWN = {
-    "rrle": Stage("settle", {"steps": 1500, "lr": 5e-5, "seed": 22, "focus": "side,size,absent"}),
-    "full": Stage("full", {"fmt": "full", "steps": 1500, "lr": 2e-4, "seed": 11}),
+    "rrle": (Stage("settle", {"steps": 1500, "lr": 5e-5, "seed": 22, "focus": "side,size,absent"}),
+             Stage("settle-2", {"steps": 1400, "lr": 1e-4, "seed": 23, "focus": "side,size,absent"})),
+    "full": (Stage("full", {"fmt": "full", "steps": 1500, "lr": 2e-4, "seed": 11}),),
 }
-NAMES = (TOWER, *(stage.name for stage in STAGES), *(stage.name for stage in OWN.values()))
+NAMES = (TOWER, *(stage.name for stage in STAGES), *(stage.name for own in OWN.values() for stage in own))
 
 
 def rebuild(fmt: str, out: str | Path, tower: str | Path | None = None, until: str | None = None,
@@ -62,7 +64,7 @@ def rebuild(fmt: str, out: str | Path, tower: str | Path | None = None, until: s
     from . import tower as tower_stage
     from . import train as llava_stage
 
-    stages = (*STAGES, OWN[fmt])  # all but OWN["full"] write R-RLE, TrainConfig's default
+    stages = (*STAGES, *OWN[fmt])  # all but OWN["full"] write R-RLE, TrainConfig's default
     names = (TOWER, *(stage.name for stage in stages))
     if until is not None and until not in names:
         raise ValueError(f"unknown stage {until!r}: the {fmt} recipe's stages are {', '.join(names)}")
