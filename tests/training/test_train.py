@@ -69,8 +69,9 @@ def test_a_model_cards_command_line_gives_back_its_stage():
     args = build_parser().parse_args(["train-tiny", "--out", "RUN", *tiny.stage_flags(asdict(cfg)).split()])
     assert (args.lr, args.positions, args.freeze_tower, args.label_tokens, args.image_attention, args.contrast,
             args.colour_rivals, args.focus, args.focus_share, args.warm_heads, args.image_size, args.size_skew,
-            args.perception, args.backgrounds, args.ema) == (2.5e-4, "grid", True, "words", "bidirectional", True, True,
-                                                             "side", 0.3, 300, 448, 1.5, 0.3, ("stripes", "checks"), 0.997)
+            args.perception, args.backgrounds, args.ema) == (
+        2.5e-4, "grid", True, "words", "bidirectional", True, True, "side", 0.3, 300, 448, 1.5, 0.3,
+        ("stripes", "checks"), 0.997)
     assert "--backgrounds" not in tiny.stage_flags(asdict(train.TrainConfig(out="RUN")))  # every family: the default
     with pytest.raises(SystemExit):  # 16 x 16 patches: the side must divide by 16
         build_parser().parse_args(["train-tiny", "--out", "RUN", "--image-size", "300"])

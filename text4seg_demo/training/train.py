@@ -80,7 +80,7 @@ class TrainConfig:
     tower: str | None = None  # the vision tower from this run instead of init's (a tower stage that went on from it)
     size_skew: float = 1.0  # training shape sizes over the domain's range as u ** size_skew: above 1, more small ones
     backgrounds: tuple[str, ...] = synth.BACKGROUNDS  # the background families training scenes are drawn on
-    ema: float = 0.0  # decay of a moving average of the weights, which the stage exports instead of its last step's; 0: none
+    ema: float = 0.0  # decay of a moving average of the weights that the stage exports instead; 0: none
 
 
 class AuxHeads(nn.Module):
@@ -407,8 +407,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
                               synth.SceneMaker(cfg.seed + 10**5))
         log(f"perception head fitted to the starting tower (loss {loss:.3f})")
     model.model.vision_tower.requires_grad_(not cfg.freeze_tower)
-    # Low-rate stages move the answers around as much as they improve them: averaging the weights
-    # over the last few hundred steps keeps what the steps agree on.
+    # A low-rate stage moves some answers right and others wrong; --ema makes its result the weights
+    # averaged over its last steps instead (training log: tried, not adopted).
     averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) if cfg.ema else None
     groups = [[p for p in module.parameters() if p.requires_grad] for module in (model, heads)]
     params = [*groups[0], *groups[1]]
