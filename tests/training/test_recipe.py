@@ -8,6 +8,7 @@ from text4seg_demo.inference.settings import write_record
 from text4seg_demo.training import recipe, tower, train
 
 STAGE_FIELDS = ("steps", "lr", "seed", "freeze_tower", "image_attention", "focus", "focus_share")
+TOWER_FIELDS = ("steps", "batch", "lr", "seed")
 
 
 @pytest.mark.parametrize("fmt", ["rrle", "full"])
@@ -20,6 +21,10 @@ def test_the_recipe_is_the_stages_that_made_the_bundled_model(fmt):
     stages = (*recipe.STAGES, *recipe.OWN[fmt])
     assert len(made) == len(stages)
     for stage, record in zip(stages, made):
+        if stage.tower:
+            expected = {**{k: getattr(tower.TowerConfig, k) for k in TOWER_FIELDS}, **stage.options}
+            assert record["stage"] == "tower" and {k: record[k] for k in TOWER_FIELDS} == expected, stage.name
+            continue
         expected = {**{k: getattr(train.TrainConfig, k) for k in ("fmt", *STAGE_FIELDS)}, **stage.options}
         assert {k: record[k] for k in ("fmt", *STAGE_FIELDS)} == expected, stage.name
         # stages that restarted from the bundled weights kept the model still while fresh heads learnt;
@@ -42,13 +47,13 @@ class Recorder:
         self.calls, self.stop_in = [], stop_in
 
     def train_tower(self, cfg, resume, log):
-        self.calls.append(("tower", cfg.out, None, resume))
+        self.calls.append((Path(cfg.out).name, cfg.out, cfg.init, resume))
         Path(cfg.out).mkdir(parents=True)
         write_record(cfg.out, {"training": {"stage": "tower", "steps": cfg.steps}})
 
     def train(self, cfg, resume, log):
         folder = Path(cfg.out)
-        self.calls.append((folder.name, cfg.out, cfg.init, resume, cfg.fmt, cfg.lr, cfg.steps))
+        self.calls.append((folder.name, cfg.out, cfg.init, resume, cfg.fmt, cfg.lr, cfg.steps, cfg.tower))
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "checkpoint.pt").write_bytes(b"")
         if folder.name == self.stop_in:
@@ -66,7 +71,7 @@ def test_rebuild_chains_the_stages_and_continues_where_a_stop_left_it(tmp_path, 
         recipe.rebuild("full", out, log=lambda m: None)
     assert [c[0] for c in first.calls] == ["tower", "grounding", "unfrozen", "side"]
     assert [c[2] for c in first.calls[1:]] == [str(out / "tower"), str(out / "grounding"), str(out / "unfrozen")]
-    assert first.calls[1][4:] == ("rrle", 2e-3, 3700) and not any(c[3] for c in first.calls)
+    assert first.calls[1][4:] == ("rrle", 2e-3, 3700, None) and not any(c[3] for c in first.calls)
 
     again = Recorder()
     monkeypatch.setattr(tower, "train_tower", again.train_tower)
@@ -94,12 +99,19 @@ def test_the_second_format_shares_every_stage_and_trains_only_its_own(tmp_path, 
     monkeypatch.setattr(train, "train", first.train)
     out = tmp_path / "runs"
     last_shared = str(out / recipe.STAGES[-1].name)
-    assert recipe.rebuild("rrle", out, log=lambda m: None) == out / "settle-2"
-    assert {c[4] for c in first.calls[1:]} == {"rrle"} and len(first.calls) == len(recipe.NAMES) - 1
-    assert first.calls[-2:] == [("settle", str(out / "settle"), last_shared, False, "rrle", 5e-5, 1500),
-                                ("settle-2", str(out / "settle-2"), str(out / "settle"), False, "rrle", 1e-4, 1400)]
+    assert recipe.rebuild("rrle", out, log=lambda m: None) == out / "settle-3"
+    llava = [c for c in first.calls[1:] if len(c) > 4]
+    assert {c[4] for c in llava} == {"rrle"} and len(first.calls) == len(recipe.NAMES) - 1
+    assert first.calls[-5:] == [
+        ("settle", str(out / "settle"), last_shared, False, "rrle", 5e-5, 1500, None),
+        ("settle-2", str(out / "settle-2"), str(out / "settle"), False, "rrle", 1e-4, 1400, None),
+        # the second tower stage goes on from settle-2's tower; the next stage takes it into settle-2
+        ("tower-2", str(out / "tower-2"), str(out / "settle-2"), False),
+        ("tower-2-frozen", str(out / "tower-2-frozen"), str(out / "settle-2"), False, "rrle", 1e-4, 1319,
+         str(out / "tower-2")),
+        ("settle-3", str(out / "settle-3"), str(out / "tower-2-frozen"), False, "rrle", 5e-5, 1313, None)]
 
     then = Recorder()
     monkeypatch.setattr(train, "train", then.train)
     assert recipe.rebuild("full", out, log=lambda m: None) == out / "full"
-    assert then.calls == [("full", str(out / "full"), last_shared, False, "full", 2e-4, 1500)]
+    assert then.calls == [("full", str(out / "full"), last_shared, False, "full", 2e-4, 1500, None)]

@@ -2,6 +2,8 @@
 
 ``text4seg rebuild-tiny --format F --out DIR`` runs them into ``DIR/<stage>``, each stage starting
 from the one before (weights and training heads), so rebuilding a model is one command per format.
+A tower stage in the list goes on training the tower of the stage before it; the LLaVA stage after
+it starts from that same stage with the new tower in place.
 A finished stage (``DIR/<stage>/model``) is kept and an interrupted one resumed, so the same command
 continues a rebuild after any stop. Every stage is counted in steps, which mean the same on a GPU
 and a CPU. Both formats take the same stages, trained on R-RLE answers (a quarter of the tokens of
@@ -20,10 +22,12 @@ TOWER = "tower"
 
 @dataclass(frozen=True)
 class Stage:
-    """One LLaVA stage: its folder name and the :class:`~.train.TrainConfig` fields it sets."""
+    """One stage: its folder name and the :class:`~.train.TrainConfig` fields it sets (with
+    ``tower``, the :class:`~.tower.TowerConfig` fields of a tower stage)."""
 
     name: str
     options: dict = field(default_factory=dict)
+    tower: bool = False
 
 
 # Tower stage first (tower.py defaults), then these. What each adds: docs/training.md.
@@ -47,11 +51,16 @@ STAGES = (
     Stage("crowds", {"steps": 1500, "lr": 1e-4, "seed": 21}),
 )
 # Each format's own stages, from the last of STAGES. R-RLE: absent targets among the kinds that
-# get scenes of their own, at half the rate, then at the full one. Full-length: the same grid,
-# written cell by cell.
+# get scenes of their own, at half the rate, then at the full one; then its tower alone, the
+# language model on it with the tower frozen, and both together at a low rate. Full-length: the
+# same grid, written cell by cell.
 OWN = {
     "rrle": (Stage("settle", {"steps": 1500, "lr": 5e-5, "seed": 22, "focus": "side,size,absent"}),
-             Stage("settle-2", {"steps": 1400, "lr": 1e-4, "seed": 23, "focus": "side,size,absent"})),
+             Stage("settle-2", {"steps": 1400, "lr": 1e-4, "seed": 23, "focus": "side,size,absent"}),
+             Stage("tower-2", {"steps": 1958, "lr": 3e-4, "seed": 31}, tower=True),
+             Stage("tower-2-frozen", {"steps": 1319, "lr": 1e-4, "seed": 32, "freeze_tower": True,
+                                      "focus": "side,size,absent"}),
+             Stage("settle-3", {"steps": 1313, "lr": 5e-5, "seed": 33, "focus": "side,size,absent"})),
     "full": (Stage("full", {"fmt": "full", "steps": 1500, "lr": 2e-4, "seed": 11}),),
 }
 NAMES = (TOWER, *(stage.name for stage in STAGES), *(stage.name for own in OWN.values() for stage in own))
@@ -74,15 +83,24 @@ def rebuild(fmt: str, out: str | Path, tower: str | Path | None = None, until: s
         tower_stage.train_tower(tower_stage.TowerConfig(out=str(previous), workers=workers,
                                                         eval_every_min=eval_every_min),
                                 resume=(previous / "checkpoint.pt").exists(), log=log)
+    new_tower = None  # a tower stage's folder, for the LLaVA stage after it
     for stage in stages if until != TOWER else ():
         folder = out / stage.name
-        if not _stage(folder, stage.name, f" from {previous}", log):
+        resume = (folder / "checkpoint.pt").exists()
+        if _stage(folder, stage.name, f" from {previous}", log):
+            pass
+        elif stage.tower:
+            tower_stage.train_tower(tower_stage.TowerConfig(out=str(folder), init=str(previous), workers=workers,
+                                                            eval_every_min=eval_every_min, **stage.options),
+                                    resume=resume, log=log)
+        else:
             cfg = llava_stage.TrainConfig(out=str(folder), init=str(previous), workers=workers,
-                                          eval_every_min=eval_every_min, **stage.options)
-            llava_stage.train(cfg, resume=(folder / "checkpoint.pt").exists(), log=log)
-        previous = folder
+                                          tower=new_tower and str(new_tower), eval_every_min=eval_every_min,
+                                          **stage.options)
+            llava_stage.train(cfg, resume=resume, log=log)
         if stage.name == until:
-            break
+            return folder
+        new_tower, previous = (folder, previous) if stage.tower else (None, folder)
     return previous
 
 

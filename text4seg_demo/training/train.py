@@ -381,6 +381,13 @@ def _lineage(init: str | None) -> list[dict]:
     return [*earlier, {k: v for k, v in training.items() if k != "lineage"}]
 
 
+def _tower_stage(tower: str | None) -> list[dict]:
+    """The record of the tower stage that ``--tower`` took its tower from (it ran after ``--init``'s
+    stages and went on from one of them, so only its own record is new)."""
+    saved = read_record(_init_source(tower)) if tower else None
+    return [{k: v for k, v in saved["training"].items() if k != "lineage"}] if saved else []
+
+
 def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     """Run (or continue) a LLaVA stage up to ``cfg.steps`` (or ``cfg.minutes``); return its model."""
     run = Run(cfg.out, resume)
@@ -560,6 +567,6 @@ def export(run: str | Path) -> Path:
                              "device": state.get("device", "cpu"),
                              "hardware": state.get("hardware") or describe(torch.device(state.get("device", "cpu"))),
                              "generator": tiny.GENERATOR,
-                             "lineage": _lineage(cfg.init)},
+                             "lineage": [*_lineage(cfg.init), *_tower_stage(cfg.tower)]},
                 "metrics": {k: v for k, v in curve[-1].items() if k not in ("step", "minutes")} if curve else {}}
     return tiny.save_pretrained(model, tokenizer, run / "model", settings)
