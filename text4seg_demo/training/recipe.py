@@ -86,18 +86,15 @@ def rebuild(fmt: str, out: str | Path, tower: str | Path | None = None, until: s
     new_tower = None  # a tower stage's folder, for the LLaVA stage after it
     for stage in stages if until != TOWER else ():
         folder = out / stage.name
-        resume = (folder / "checkpoint.pt").exists()
-        if _stage(folder, stage.name, f" from {previous}", log):
-            pass
-        elif stage.tower:
-            tower_stage.train_tower(tower_stage.TowerConfig(out=str(folder), init=str(previous), workers=workers,
-                                                            eval_every_min=eval_every_min, **stage.options),
-                                    resume=resume, log=log)
-        else:
-            cfg = llava_stage.TrainConfig(out=str(folder), init=str(previous), workers=workers,
-                                          tower=new_tower and str(new_tower), eval_every_min=eval_every_min,
-                                          **stage.options)
-            llava_stage.train(cfg, resume=resume, log=log)
+        if not _stage(folder, stage.name, f" from {previous}", log):
+            common = dict(out=str(folder), init=str(previous), workers=workers, eval_every_min=eval_every_min,
+                          **stage.options)
+            resume = (folder / "checkpoint.pt").exists()
+            if stage.tower:
+                tower_stage.train_tower(tower_stage.TowerConfig(**common), resume=resume, log=log)
+            else:
+                cfg = llava_stage.TrainConfig(tower=new_tower and str(new_tower), **common)
+                llava_stage.train(cfg, resume=resume, log=log)
         if stage.name == until:
             return folder
         new_tower, previous = (folder, previous) if stage.tower else (None, folder)

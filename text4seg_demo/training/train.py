@@ -370,22 +370,27 @@ def _load_weights(model, weights: dict, init: str, theirs=None, ours=None) -> in
     return size - len(known)
 
 
-def _lineage(init: str | None) -> list[dict]:
-    """The training records of the runs a model's weights started from, oldest first."""
+def _training_record(init: str | None) -> dict | None:
+    """The training record of the run, tower stage or saved model that ``init`` names, if any."""
     source = _init_source(init) if init else None
     saved = source and (read_record(source) or read_record(source / "model"))
-    if not saved:
+    return saved.get("training", {}) if saved else None
+
+
+def _lineage(init: str | None) -> list[dict]:
+    """The training records of the runs a model's weights started from, oldest first."""
+    training = _training_record(init)
+    if training is None:
         return []
-    training = saved.get("training", {})
     earlier = training.get("lineage") or _lineage(training.get("init"))
     return [*earlier, {k: v for k, v in training.items() if k != "lineage"}]
 
 
 def _tower_stage(tower: str | None) -> list[dict]:
     """The record of the tower stage that ``--tower`` took its tower from (it ran after ``--init``'s
-    stages and went on from one of them, so only its own record is new)."""
-    saved = read_record(_init_source(tower)) if tower else None
-    return [{k: v for k, v in saved["training"].items() if k != "lineage"}] if saved else []
+    stages and went on from one of them, so only its own record is new); none for a saved model."""
+    training = _training_record(tower)
+    return [training] if training and training.get("stage") == "tower" else []
 
 
 def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
