@@ -32,12 +32,11 @@ def test_the_recipe_is_the_stages_that_made_the_bundled_model(fmt):
         assert "warm_heads" not in stage.options
 
 
-def test_the_two_models_share_every_stage_but_their_own():
+def test_the_full_length_model_is_the_rrle_model_and_one_stage_more():
     rrle, full = train._lineage("tiny-rrle"), train._lineage("tiny-full")
-    shared = 1 + len(recipe.STAGES)  # the tower stage, then STAGES
-    assert rrle[:shared] == full[:shared]
-    assert len(rrle) == shared + len(recipe.OWN["rrle"]) and len(full) == shared + len(recipe.OWN["full"])
-    assert rrle[shared] != full[shared]
+    assert len(rrle) == 1 + len(recipe.STAGES)  # the tower stage, then STAGES
+    assert full[:len(rrle)] == rrle and len(full) == len(rrle) + len(recipe.OWN["full"])
+    assert full[-1]["fmt"] == "full" and {record["fmt"] for record in rrle[1:] if "fmt" in record} == {"rrle"}
 
 
 class Recorder:
@@ -87,23 +86,22 @@ def test_rebuild_chains_the_stages_and_continues_where_a_stop_left_it(tmp_path, 
     monkeypatch.setattr(train, "train", reused.train)
     recipe.rebuild("rrle", tmp_path / "rrle", tower=out / "tower", until="grounding", log=lambda m: None)
     assert [(c[0], c[2], c[4]) for c in reused.calls] == [("grounding", str(out / "tower"), "rrle")]
-    with pytest.raises(ValueError, match=f"unknown stage 'last'.*{recipe.OWN['rrle'][-1].name}$"):
+    with pytest.raises(ValueError, match=f"unknown stage 'last'.*{recipe.STAGES[-1].name}$"):
         recipe.rebuild("rrle", out, until="last")
     with pytest.raises(ValueError, match="unknown stage 'full'"):
         recipe.rebuild("rrle", out, until="full")
 
 
-def test_the_second_format_shares_every_stage_and_trains_only_its_own(tmp_path, monkeypatch):
+def test_the_second_format_keeps_every_shared_stage_and_trains_only_its_own(tmp_path, monkeypatch):
     first = Recorder()
     monkeypatch.setattr(tower, "train_tower", first.train_tower)
     monkeypatch.setattr(train, "train", first.train)
     out = tmp_path / "runs"
-    last_shared = str(out / recipe.STAGES[-1].name)
     assert recipe.rebuild("rrle", out, log=lambda m: None) == out / "settle-3"
     llava = [c for c in first.calls[1:] if len(c) > 4]
     assert {c[4] for c in llava} == {"rrle"} and len(first.calls) == len(recipe.NAMES) - 1
     assert first.calls[-5:] == [
-        ("settle", str(out / "settle"), last_shared, False, "rrle", 5e-5, 1500, None),
+        ("settle", str(out / "settle"), str(out / "crowds"), False, "rrle", 5e-5, 1500, None),
         ("settle-2", str(out / "settle-2"), str(out / "settle"), False, "rrle", 1e-4, 1400, None),
         # the second tower stage goes on from settle-2's tower; the next stage takes it into settle-2
         ("tower-2", str(out / "tower-2"), str(out / "settle-2"), False),
@@ -114,4 +112,4 @@ def test_the_second_format_shares_every_stage_and_trains_only_its_own(tmp_path, 
     then = Recorder()
     monkeypatch.setattr(train, "train", then.train)
     assert recipe.rebuild("full", out, log=lambda m: None) == out / "full"
-    assert then.calls == [("full", str(out / "full"), last_shared, False, "full", 2e-4, 1500, None)]
+    assert then.calls == [("full", str(out / "full"), str(out / "settle-3"), False, "full", 2e-4, 1500, None)]

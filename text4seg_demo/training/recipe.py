@@ -7,8 +7,8 @@ it starts from that same stage with the new tower in place.
 A finished stage (``DIR/<stage>/model``) is kept and an interrupted one resumed, so the same command
 continues a rebuild after any stop. Every stage is counted in steps, which mean the same on a GPU
 and a CPU. Both formats take the same stages, trained on R-RLE answers (a quarter of the tokens of
-full-length ones); then each format takes stages of its own from the last shared one, so the two
-commands may share ``DIR`` and the second trains only its own.
+full-length ones), the last of which is the R-RLE model; the full-length model takes a stage of its
+own from it, so the two commands may share ``DIR`` and the second trains only what it adds.
 """
 
 from __future__ import annotations
@@ -49,18 +49,16 @@ STAGES = (
     Stage("polish-8", {"steps": 1500, "lr": 1e-4, "seed": 8}),
     Stage("shades", {"steps": 1300, "lr": 1e-4, "seed": 14}),
     Stage("crowds", {"steps": 1500, "lr": 1e-4, "seed": 21}),
+    Stage("settle", {"steps": 1500, "lr": 5e-5, "seed": 22, "focus": "side,size,absent"}),
+    Stage("settle-2", {"steps": 1400, "lr": 1e-4, "seed": 23, "focus": "side,size,absent"}),
+    Stage("tower-2", {"steps": 1958, "lr": 3e-4, "seed": 31}, tower=True),
+    Stage("tower-2-frozen", {"steps": 1319, "lr": 1e-4, "seed": 32, "freeze_tower": True,
+                             "focus": "side,size,absent"}),
+    Stage("settle-3", {"steps": 1313, "lr": 5e-5, "seed": 33, "focus": "side,size,absent"}),
 )
-# Each format's own stages, from the last of STAGES. R-RLE: absent targets among the kinds that
-# get scenes of their own, at half the rate, then at the full one; then its tower alone, the
-# language model on it with the tower frozen, and both together at a low rate. Full-length: the
-# same grid, written cell by cell.
+# What each format adds to STAGES: nothing for R-RLE; for full-length, the same grid written cell by cell.
 OWN = {
-    "rrle": (Stage("settle", {"steps": 1500, "lr": 5e-5, "seed": 22, "focus": "side,size,absent"}),
-             Stage("settle-2", {"steps": 1400, "lr": 1e-4, "seed": 23, "focus": "side,size,absent"}),
-             Stage("tower-2", {"steps": 1958, "lr": 3e-4, "seed": 31}, tower=True),
-             Stage("tower-2-frozen", {"steps": 1319, "lr": 1e-4, "seed": 32, "freeze_tower": True,
-                                      "focus": "side,size,absent"}),
-             Stage("settle-3", {"steps": 1313, "lr": 5e-5, "seed": 33, "focus": "side,size,absent"})),
+    "rrle": (),
     "full": (Stage("full", {"fmt": "full", "steps": 1500, "lr": 2e-4, "seed": 11}),),
 }
 NAMES = (TOWER, *(stage.name for stage in STAGES), *(stage.name for own in OWN.values() for stage in own))
