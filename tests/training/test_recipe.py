@@ -99,7 +99,7 @@ def test_the_second_format_keeps_every_shared_stage_and_trains_only_its_own(tmp_
     out = tmp_path / "runs"
     assert recipe.rebuild("rrle", out, log=lambda m: None) == out / "settle-3"
     llava = [c for c in first.calls[1:] if len(c) > 4]
-    assert {c[4] for c in llava} == {"rrle"} and len(first.calls) == len(recipe.NAMES) - 1
+    assert {c[4] for c in llava} == {"rrle"} and len(first.calls) == len(recipe.NAMES) - len(recipe.OWN["full"])
     assert first.calls[-5:] == [
         ("settle", str(out / "settle"), str(out / "crowds"), False, "rrle", 5e-5, 1500, None),
         ("settle-2", str(out / "settle-2"), str(out / "settle"), False, "rrle", 1e-4, 1400, None),
@@ -111,5 +111,6 @@ def test_the_second_format_keeps_every_shared_stage_and_trains_only_its_own(tmp_
 
     then = Recorder()
     monkeypatch.setattr(train, "train", then.train)
-    assert recipe.rebuild("full", out, log=lambda m: None) == out / "full"
-    assert then.calls == [("full", str(out / "full"), str(out / "settle-3"), False, "full", 2e-4, 1500, None)]
+    assert recipe.rebuild("full", out, log=lambda m: None) == out / "full-2"
+    assert then.calls == [("full", str(out / "full"), str(out / "settle-3"), False, "full", 2e-4, 1500, None),
+                          ("full-2", str(out / "full-2"), str(out / "full"), False, "full", 1e-4, 700, None)]

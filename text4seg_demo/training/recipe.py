@@ -7,7 +7,7 @@ it starts from that same stage with the new tower in place.
 A finished stage (``DIR/<stage>/model``) is kept and an interrupted one resumed, so the same command
 continues a rebuild after any stop. Every stage is counted in steps, which mean the same on a GPU
 and a CPU. Both formats take the same stages, trained on R-RLE answers (a quarter of the tokens of
-full-length ones), the last of which is the R-RLE model; the full-length model takes a stage of its
+full-length ones), the last of which is the R-RLE model; the full-length model takes stages of its
 own from it, so the two commands may share ``DIR`` and the second trains only what it adds.
 """
 
@@ -56,10 +56,12 @@ STAGES = (
                              "focus": "side,size,absent"}),
     Stage("settle-3", {"steps": 1313, "lr": 5e-5, "seed": 33, "focus": "side,size,absent"}),
 )
-# What each format adds to STAGES: nothing for R-RLE; for full-length, the same grid written cell by cell.
+# What each format adds to STAGES: nothing for R-RLE; for full-length, the same grid written cell by
+# cell, then the same at half the rate with absent targets among the kinds that get scenes of their own.
 OWN = {
     "rrle": (),
-    "full": (Stage("full", {"fmt": "full", "steps": 1500, "lr": 2e-4, "seed": 11}),),
+    "full": (Stage("full", {"fmt": "full", "steps": 1500, "lr": 2e-4, "seed": 11}),
+             Stage("full-2", {"fmt": "full", "steps": 700, "lr": 1e-4, "seed": 12, "focus": "side,size,absent"})),
 }
 NAMES = (TOWER, *(stage.name for stage in STAGES), *(stage.name for own in OWN.values() for stage in own))
 
