@@ -32,7 +32,7 @@ def test_the_recipe_is_the_stages_that_made_the_bundled_model(fmt):
         assert "warm_heads" not in stage.options
 
 
-def test_the_full_length_model_is_the_rrle_model_and_one_stage_more():
+def test_the_full_length_model_is_the_rrle_model_and_its_own_stages():
     rrle, full = train._lineage("tiny-rrle"), train._lineage("tiny-full")
     assert len(rrle) == 1 + len(recipe.STAGES)  # the tower stage, then STAGES
     assert full[:len(rrle)] == rrle and len(full) == len(rrle) + len(recipe.OWN["full"])
