@@ -88,7 +88,7 @@ def test_rebuild_chains_the_stages_and_continues_where_a_stop_left_it(tmp_path, 
     monkeypatch.setattr(train, "train", reused.train)
     recipe.rebuild("rrle", tmp_path / "rrle", tower=out / "tower", until="grounding", log=lambda m: None)
     assert [(c[0], c[2], c[4]) for c in reused.calls] == [("grounding", str(out / "tower"), "rrle")]
-    with pytest.raises(ValueError, match=f"unknown stage 'last'.*{recipe.OWN['rrle'][-1].name}$"):
+    with pytest.raises(ValueError, match=f"unknown stage 'last'.*{recipe.STAGES[-1].name}$"):
         recipe.rebuild("rrle", out, until="last")
     with pytest.raises(ValueError, match="unknown stage 'full'"):
         recipe.rebuild("rrle", out, until="full")
@@ -110,7 +110,7 @@ def test_the_second_format_keeps_every_shared_stage_and_trains_only_its_own(tmp_
         ("tower-2-frozen", str(out / "tower-2-frozen"), str(out / "settle-2"), False, "rrle", 1e-4, 1319,
          str(out / "tower-2")),
         ("settle-3", str(out / "settle-3"), str(out / "tower-2-frozen"), False, "rrle", 5e-5, 1313, None),
-        # R-RLE's own stages: the same cycle once more, from the last shared stage
+        # the same cycle once more, from settle-3
         ("tower-3", str(out / "tower-3"), str(out / "settle-3"), False),
         ("tower-3-frozen", str(out / "tower-3-frozen"), str(out / "settle-3"), False, "rrle", 1e-4, 1112,
          str(out / "tower-3")),
@@ -118,7 +118,7 @@ def test_the_second_format_keeps_every_shared_stage_and_trains_only_its_own(tmp_
 
     then = Recorder()
     monkeypatch.setattr(train, "train", then.train)
-    # the full-length stages go on from the last shared stage, not from R-RLE's own
+    # the full-length stages go on from the last shared stage, which is tiny-rrle itself
     assert recipe.rebuild("full", out, log=lambda m: None) == out / "full-2"
-    assert then.calls == [("full", str(out / "full"), str(out / "settle-3"), False, "full", 2e-4, 1500, None),
+    assert then.calls == [("full", str(out / "full"), str(out / "settle-4"), False, "full", 2e-4, 1500, None),
                           ("full-2", str(out / "full-2"), str(out / "full"), False, "full", 1e-4, 700, None)]

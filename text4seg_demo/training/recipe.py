@@ -7,7 +7,7 @@ it starts from that same stage with the new tower in place.
 A finished stage (``DIR/<stage>/model``) is kept and an interrupted one resumed, so the same command
 continues a rebuild after any stop. Every stage is counted in steps, which mean the same on a GPU
 and a CPU. Both formats take the same stages, trained on R-RLE answers (a quarter of the tokens of
-full-length ones); then each format takes stages of its own from the last shared one, so the two
+full-length ones); then a format may add stages of its own from the last shared one, so the two
 commands may share ``DIR`` and the second trains only what it adds.
 """
 
@@ -55,15 +55,16 @@ STAGES = (
     Stage("tower-2-frozen", {"steps": 1319, "lr": 1e-4, "seed": 32, "freeze_tower": True,
                              "focus": "side,size,absent"}),
     Stage("settle-3", {"steps": 1313, "lr": 5e-5, "seed": 33, "focus": "side,size,absent"}),
+    Stage("tower-3", {"steps": 1753, "lr": 3e-4, "seed": 41}, tower=True),
+    Stage("tower-3-frozen", {"steps": 1112, "lr": 1e-4, "seed": 42, "freeze_tower": True,
+                             "focus": "side,size,absent"}),
+    Stage("settle-4", {"steps": 1269, "lr": 5e-5, "seed": 43, "focus": "side,size,absent"}),
 )
-# What each format adds to STAGES. R-RLE: a third tower stage, the language model on it, then both
-# together. Full-length: the same grid written cell by cell, then the same at half the rate with
-# absent targets among the kinds that get scenes of their own.
+# What each format adds to STAGES: R-RLE nothing (its model is the last shared stage); full-length
+# the same grid written cell by cell, then the same at half the rate with absent targets among the
+# kinds that get scenes of their own.
 OWN = {
-    "rrle": (Stage("tower-3", {"steps": 1753, "lr": 3e-4, "seed": 41}, tower=True),
-             Stage("tower-3-frozen", {"steps": 1112, "lr": 1e-4, "seed": 42, "freeze_tower": True,
-                                      "focus": "side,size,absent"}),
-             Stage("settle-4", {"steps": 1269, "lr": 5e-5, "seed": 43, "focus": "side,size,absent"})),
+    "rrle": (),
     "full": (Stage("full", {"fmt": "full", "steps": 1500, "lr": 2e-4, "seed": 11}),
              Stage("full-2", {"fmt": "full", "steps": 700, "lr": 1e-4, "seed": 12, "focus": "side,size,absent"})),
 }
