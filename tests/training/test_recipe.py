@@ -32,13 +32,11 @@ def test_the_recipe_is_the_stages_that_made_the_bundled_model(fmt):
         assert "warm_heads" not in stage.options
 
 
-def test_the_two_models_share_every_stage_but_their_own():
+def test_the_full_length_model_is_the_rrle_model_and_its_own_stages():
     rrle, full = train._lineage("tiny-rrle"), train._lineage("tiny-full")
-    shared = 1 + len(recipe.STAGES)  # the tower stage, then STAGES
-    assert rrle[:shared] == full[:shared]
-    assert len(rrle) == shared + len(recipe.OWN["rrle"]) and len(full) == shared + len(recipe.OWN["full"])
-    assert {record["fmt"] for record in rrle[1:] if "fmt" in record} == {"rrle"}
-    assert [record["fmt"] for record in full[shared:]] == ["full"] * len(recipe.OWN["full"])
+    assert len(rrle) == 1 + len(recipe.STAGES)  # the tower stage, then STAGES
+    assert full[:len(rrle)] == rrle and len(full) == len(rrle) + len(recipe.OWN["full"])
+    assert full[-1]["fmt"] == "full" and {record["fmt"] for record in rrle[1:] if "fmt" in record} == {"rrle"}
 
 
 class Recorder:

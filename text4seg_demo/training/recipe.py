@@ -7,8 +7,8 @@ it starts from that same stage with the new tower in place.
 A finished stage (``DIR/<stage>/model``) is kept and an interrupted one resumed, so the same command
 continues a rebuild after any stop. Every stage is counted in steps, which mean the same on a GPU
 and a CPU. Both formats take the same stages, trained on R-RLE answers (a quarter of the tokens of
-full-length ones); then a format may add stages of its own from the last shared one, so the two
-commands may share ``DIR`` and the second trains only what it adds.
+full-length ones), the last of which is the R-RLE model; the full-length model takes stages of its
+own from it, so the two commands may share ``DIR`` and the second trains only what it adds.
 """
 
 from __future__ import annotations
@@ -60,9 +60,8 @@ STAGES = (
                              "focus": "side,size,absent"}),
     Stage("settle-4", {"steps": 1269, "lr": 5e-5, "seed": 43, "focus": "side,size,absent"}),
 )
-# What each format adds to STAGES: R-RLE nothing (its model is the last shared stage); full-length
-# the same grid written cell by cell, then the same at half the rate with absent targets among the
-# kinds that get scenes of their own.
+# What each format adds to STAGES: nothing for R-RLE; for full-length, the same grid written cell by
+# cell, then the same at half the rate with absent targets among the kinds that get scenes of their own.
 OWN = {
     "rrle": (),
     "full": (Stage("full", {"fmt": "full", "steps": 1500, "lr": 2e-4, "seed": 11}),
