@@ -32,11 +32,13 @@ def test_the_recipe_is_the_stages_that_made_the_bundled_model(fmt):
         assert "warm_heads" not in stage.options
 
 
-def test_the_full_length_model_is_the_rrle_model_and_its_own_stages():
+def test_the_two_models_share_every_stage_but_their_own():
     rrle, full = train._lineage("tiny-rrle"), train._lineage("tiny-full")
-    assert len(rrle) == 1 + len(recipe.STAGES)  # the tower stage, then STAGES
-    assert full[:len(rrle)] == rrle and len(full) == len(rrle) + len(recipe.OWN["full"])
-    assert full[-1]["fmt"] == "full" and {record["fmt"] for record in rrle[1:] if "fmt" in record} == {"rrle"}
+    shared = 1 + len(recipe.STAGES)  # the tower stage, then STAGES
+    assert rrle[:shared] == full[:shared]
+    assert len(rrle) == shared + len(recipe.OWN["rrle"]) and len(full) == shared + len(recipe.OWN["full"])
+    assert {record["fmt"] for record in rrle[1:] if "fmt" in record} == {"rrle"}
+    assert [record["fmt"] for record in full[shared:]] == ["full"] * len(recipe.OWN["full"])
 
 
 class Recorder:
@@ -86,7 +88,7 @@ def test_rebuild_chains_the_stages_and_continues_where_a_stop_left_it(tmp_path, 
     monkeypatch.setattr(train, "train", reused.train)
     recipe.rebuild("rrle", tmp_path / "rrle", tower=out / "tower", until="grounding", log=lambda m: None)
     assert [(c[0], c[2], c[4]) for c in reused.calls] == [("grounding", str(out / "tower"), "rrle")]
-    with pytest.raises(ValueError, match=f"unknown stage 'last'.*{recipe.STAGES[-1].name}$"):
+    with pytest.raises(ValueError, match=f"unknown stage 'last'.*{recipe.OWN['rrle'][-1].name}$"):
         recipe.rebuild("rrle", out, until="last")
     with pytest.raises(ValueError, match="unknown stage 'full'"):
         recipe.rebuild("rrle", out, until="full")
@@ -97,10 +99,10 @@ def test_the_second_format_keeps_every_shared_stage_and_trains_only_its_own(tmp_
     monkeypatch.setattr(tower, "train_tower", first.train_tower)
     monkeypatch.setattr(train, "train", first.train)
     out = tmp_path / "runs"
-    assert recipe.rebuild("rrle", out, log=lambda m: None) == out / "settle-4"
+    assert recipe.rebuild("rrle", out, log=lambda m: None) == out / "settle-5"
     llava = [c for c in first.calls[1:] if len(c) > 4]
     assert {c[4] for c in llava} == {"rrle"} and len(first.calls) == len(recipe.NAMES) - len(recipe.OWN["full"])
-    assert first.calls[-8:] == [
+    assert first.calls[-11:] == [
         ("settle", str(out / "settle"), str(out / "crowds"), False, "rrle", 5e-5, 1500, None),
         ("settle-2", str(out / "settle-2"), str(out / "settle"), False, "rrle", 1e-4, 1400, None),
         # the second tower stage goes on from settle-2's tower; the next stage takes it into settle-2
@@ -112,11 +114,16 @@ def test_the_second_format_keeps_every_shared_stage_and_trains_only_its_own(tmp_
         ("tower-3", str(out / "tower-3"), str(out / "settle-3"), False),
         ("tower-3-frozen", str(out / "tower-3-frozen"), str(out / "settle-3"), False, "rrle", 1e-4, 1112,
          str(out / "tower-3")),
-        ("settle-4", str(out / "settle-4"), str(out / "tower-3-frozen"), False, "rrle", 5e-5, 1269, None)]
+        ("settle-4", str(out / "settle-4"), str(out / "tower-3-frozen"), False, "rrle", 5e-5, 1269, None),
+        # R-RLE's own stages: the same cycle once more, from the last shared stage
+        ("tower-4", str(out / "tower-4"), str(out / "settle-4"), False),
+        ("tower-4-frozen", str(out / "tower-4-frozen"), str(out / "settle-4"), False, "rrle", 1e-4, 700,
+         str(out / "tower-4")),
+        ("settle-5", str(out / "settle-5"), str(out / "tower-4-frozen"), False, "rrle", 5e-5, 1000, None)]
 
     then = Recorder()
     monkeypatch.setattr(train, "train", then.train)
-    # the full-length stages go on from the last shared stage, which is tiny-rrle itself
+    # the full-length stages go on from the last shared stage, not from R-RLE's own
     assert recipe.rebuild("full", out, log=lambda m: None) == out / "full-2"
     assert then.calls == [("full", str(out / "full"), str(out / "settle-4"), False, "full", 2e-4, 1500, None),
                           ("full-2", str(out / "full-2"), str(out / "full"), False, "full", 1e-4, 700, None)]

@@ -7,8 +7,8 @@ it starts from that same stage with the new tower in place.
 A finished stage (``DIR/<stage>/model``) is kept and an interrupted one resumed, so the same command
 continues a rebuild after any stop. Every stage is counted in steps, which mean the same on a GPU
 and a CPU. Both formats take the same stages, trained on R-RLE answers (a quarter of the tokens of
-full-length ones), the last of which is the R-RLE model; the full-length model takes stages of its
-own from it, so the two commands may share ``DIR`` and the second trains only what it adds.
+full-length ones); then each format takes stages of its own from the last shared one, so the two
+commands may share ``DIR`` and the second trains only what it adds.
 """
 
 from __future__ import annotations
@@ -60,10 +60,14 @@ STAGES = (
                              "focus": "side,size,absent"}),
     Stage("settle-4", {"steps": 1269, "lr": 5e-5, "seed": 43, "focus": "side,size,absent"}),
 )
-# What each format adds to STAGES: nothing for R-RLE; for full-length, the same grid written cell by
-# cell, then the same at half the rate with absent targets among the kinds that get scenes of their own.
+# What each format adds to STAGES. R-RLE: a fourth tower stage, the language model on it, then both
+# together. Full-length: the same grid written cell by cell, then the same at half the rate with
+# absent targets among the kinds that get scenes of their own.
 OWN = {
-    "rrle": (),
+    "rrle": (Stage("tower-4", {"steps": 1400, "lr": 3e-4, "seed": 51}, tower=True),
+             Stage("tower-4-frozen", {"steps": 700, "lr": 1e-4, "seed": 52, "freeze_tower": True,
+                                      "focus": "side,size,absent"}),
+             Stage("settle-5", {"steps": 1000, "lr": 5e-5, "seed": 53, "focus": "side,size,absent"})),
     "full": (Stage("full", {"fmt": "full", "steps": 1500, "lr": 2e-4, "seed": 11}),
              Stage("full-2", {"fmt": "full", "steps": 700, "lr": 1e-4, "seed": 12, "focus": "side,size,absent"})),
 }
