@@ -152,6 +152,10 @@ def test_browser_runs_an_example_and_renders_everything(server, tmp_path):
         page.goto(server, wait_until="networkidle")
         page.get_by_text("Synthetic scenes").wait_for()
         page.get_by_text("the blue square", exact=True).first.click()
+        # an example fills the inputs through a round trip of its own: a run clicked before it lands
+        # would segment nothing
+        playwright.expect(page.locator("#expression input")).to_have_value("the blue square", timeout=30_000)
+        page.locator("#image img").first.wait_for(timeout=30_000)
         page.locator("#run").click()
         page.locator("#metrics").get_by_text("generated tokens").wait_for(timeout=120_000)
         assert page.locator("#grid img").count() >= 1
