@@ -247,7 +247,7 @@ def cmd_train_tiny(args) -> int:
 
         cfg = TowerConfig(out=str(args.out), grid=args.grid, seed=args.seed, eval_every_min=args.eval_every,
                           minutes=args.minutes, workers=args.workers, image_size=args.image_size,
-                          init=str(args.init) if args.init else None,
+                          init=str(args.init) if args.init else None, anneal=args.anneal,
                           **_given(steps=args.steps, batch=args.batch, lr=args.lr))
         train_tower(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
         print(f"tower written to {args.out / 'checkpoint.pt'}; start a LLaVA stage with --init {args.out}",
@@ -508,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="draw training scenes on these background families only, comma-separated, each with all "
                          "of the domain's colours and texture periods (default: every family, "
                          "solid,gradient,noisy,stripes,checks,blotches)")
+    tt.add_argument("--anneal", action="store_true",
+                    help="tower stage: lower the rate along --steps by a half cosine to a tenth, as a llava stage "
+                         "does (default: constant after the warm-up)")
     tt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     tt.add_argument("--init", type=Path, help="start from another run's checkpoint: a tower stage, or a LLaVA stage (e.g. R-RLE "
                                               "after full-length); with --stage tower, go on training its vision tower")

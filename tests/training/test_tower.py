@@ -66,6 +66,28 @@ def test_a_run_counts_steps_checkpoints_on_its_clock_and_resumes_where_it_stoppe
     assert steps.Run(tmp_path).step == 0  # without resume, a run starts afresh
 
 
+def test_the_cosine_schedule_warms_up_then_falls_to_a_tenth():
+    shares = [steps.cosine(step, 4, 20) for step in range(24)]
+    assert shares[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(shares[3:], shares[4:])) and shares[12] == pytest.approx(0.55)
+    assert shares[20:] == [pytest.approx(0.1)] * 4
+
+
+@pytest.mark.slow
+def test_an_annealed_tower_stage_lowers_its_rate_along_its_steps(tmp_path):
+    def last_rate(name, **options):
+        cfg = tower.TowerConfig(out=str(tmp_path / name), steps=3, batch=2, eval_scenes=4, warmup=1, lr=1e-3,
+                                **options)
+        run = tower.train_tower(cfg, log=lambda message: None)
+        return torch.load(run / "checkpoint.pt", weights_only=False)["opt"]["param_groups"][0]["lr"]
+
+    assert last_rate("constant") == pytest.approx(1e-3)
+    annealed = last_rate("annealed", anneal=True)
+    assert annealed == pytest.approx(1e-3 * steps.cosine(2, 1, 3)) and annealed < 0.6e-3
+    with pytest.raises(ValueError, match="--steps"):
+        tower.train_tower(tower.TowerConfig(out=str(tmp_path / "open"), steps=None, minutes=1, anneal=True))
+
+
 @pytest.mark.slow
 def test_a_few_tower_steps_reduce_both_losses():
     torch.manual_seed(0)

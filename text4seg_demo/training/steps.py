@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 import time
 from collections.abc import Callable
@@ -91,3 +92,11 @@ class Run:
                 checkpoint()
                 last = self.minutes()
         checkpoint()
+
+
+def cosine(step: int, warmup: int, total: int) -> float:
+    """The share of the full learning rate at ``step``: a linear warm-up over ``warmup`` steps, then
+    half a cosine down to a tenth at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))

@@ -22,7 +22,6 @@ data stream (``steps.py``), and every evaluation is appended to ``OUT/log.jsonl`
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -41,7 +40,7 @@ from ..inference.positions import AnswerPositions
 from ..inference.settings import Settings, read_record
 from ..masks import to_grid
 from . import synth, tiny, tower
-from .steps import Run, descend
+from .steps import Run, cosine, descend
 
 PROMPT_STYLE = "question_first"
 POS_WEIGHT = 3.0  # target patches are few: weigh them up in the auxiliary losses
@@ -217,12 +216,6 @@ def losses(model, heads, batch, grid, image_attention: str = "causal"):
     row = F.binary_cross_entropy_with_logits(heads.row_cells(row_states), row_cells, pos_weight=pos_weight)
     row = row + F.cross_entropy(heads.row_index(row_states), row_targets)
     return lm, patch, row
-
-
-def cosine(step, warmup, total):
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 def rates(step: int, cfg: TrainConfig, total: int) -> tuple[float, float]:
