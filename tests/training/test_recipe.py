@@ -104,28 +104,23 @@ def test_the_second_format_keeps_every_shared_stage_and_trains_only_its_own(tmp_
     assert recipe.rebuild("rrle", out, log=lambda m: None) == out / "settle-6"
     llava = [c for c in first.calls[1:] if len(c) > 4]
     assert {c[4] for c in llava} == {"rrle"} and len(first.calls) == len(recipe.NAMES) - len(recipe.OWN["full"])
+
+    def cycle(start, name, frozen_steps, settle, settle_steps):
+        """The calls of a tower cycle: the tower stage goes on from ``start``'s tower, the next stage
+        takes it into ``start``, and the settling stage trains both."""
+        frozen = f"{name}-frozen"
+        return [(name, str(out / name), str(out / start), False),
+                (frozen, str(out / frozen), str(out / start), False, "rrle", 1e-4, frozen_steps, str(out / name)),
+                (settle, str(out / settle), str(out / frozen), False, "rrle", 5e-5, settle_steps, None)]
+
     assert first.calls[-14:] == [
         ("settle", str(out / "settle"), str(out / "crowds"), False, "rrle", 5e-5, 1500, None),
         ("settle-2", str(out / "settle-2"), str(out / "settle"), False, "rrle", 1e-4, 1400, None),
-        # the second tower stage goes on from settle-2's tower; the next stage takes it into settle-2
-        ("tower-2", str(out / "tower-2"), str(out / "settle-2"), False),
-        ("tower-2-frozen", str(out / "tower-2-frozen"), str(out / "settle-2"), False, "rrle", 1e-4, 1319,
-         str(out / "tower-2")),
-        ("settle-3", str(out / "settle-3"), str(out / "tower-2-frozen"), False, "rrle", 5e-5, 1313, None),
-        # the same cycle once more, from settle-3
-        ("tower-3", str(out / "tower-3"), str(out / "settle-3"), False),
-        ("tower-3-frozen", str(out / "tower-3-frozen"), str(out / "settle-3"), False, "rrle", 1e-4, 1112,
-         str(out / "tower-3")),
-        ("settle-4", str(out / "settle-4"), str(out / "tower-3-frozen"), False, "rrle", 5e-5, 1269, None),
+        *cycle("settle-2", "tower-2", 1319, "settle-3", 1313),
+        *cycle("settle-3", "tower-3", 1112, "settle-4", 1269),
         # R-RLE's own stages: the same cycle twice more, from the last shared stage
-        ("tower-4", str(out / "tower-4"), str(out / "settle-4"), False),
-        ("tower-4-frozen", str(out / "tower-4-frozen"), str(out / "settle-4"), False, "rrle", 1e-4, 700,
-         str(out / "tower-4")),
-        ("settle-5", str(out / "settle-5"), str(out / "tower-4-frozen"), False, "rrle", 5e-5, 1000, None),
-        ("tower-5", str(out / "tower-5"), str(out / "settle-5"), False),
-        ("tower-5-frozen", str(out / "tower-5-frozen"), str(out / "settle-5"), False, "rrle", 1e-4, 500,
-         str(out / "tower-5")),
-        ("settle-6", str(out / "settle-6"), str(out / "tower-5-frozen"), False, "rrle", 5e-5, 1000, None)]
+        *cycle("settle-4", "tower-4", 700, "settle-5", 1000),
+        *cycle("settle-5", "tower-5", 500, "settle-6", 1000)]
 
     then = Recorder()
     monkeypatch.setattr(train, "train", then.train)
