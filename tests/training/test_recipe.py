@@ -101,7 +101,7 @@ def test_the_second_format_keeps_every_shared_stage_and_trains_only_its_own(tmp_
     monkeypatch.setattr(tower, "train_tower", first.train_tower)
     monkeypatch.setattr(train, "train", first.train)
     out = tmp_path / "runs"
-    assert recipe.rebuild("rrle", out, log=lambda m: None) == out / "settle-7"
+    assert recipe.rebuild("rrle", out, log=lambda m: None) == out / "settle-9"
     llava = [c for c in first.calls[1:] if len(c) > 4]
     assert {c[4] for c in llava} == {"rrle"} and len(first.calls) == len(recipe.NAMES) - len(recipe.OWN["full"])
 
@@ -113,15 +113,18 @@ def test_the_second_format_keeps_every_shared_stage_and_trains_only_its_own(tmp_
                 (frozen, str(out / frozen), str(out / start), False, "rrle", 1e-4, frozen_steps, str(out / name)),
                 (settle, str(out / settle), str(out / frozen), False, "rrle", 5e-5, settle_steps, None)]
 
-    assert first.calls[-15:] == [
+    assert first.calls[-19:] == [
         ("settle", str(out / "settle"), str(out / "crowds"), False, "rrle", 5e-5, 1500, None),
         ("settle-2", str(out / "settle-2"), str(out / "settle"), False, "rrle", 1e-4, 1400, None),
         *cycle("settle-2", "tower-2", 1319, "settle-3", 1313),
         *cycle("settle-3", "tower-3", 1112, "settle-4", 1269),
-        # R-RLE's own stages: the same cycle twice more from the last shared stage, then a short one
+        # R-RLE's own stages: the same cycle three times more from the last shared stage, the last two
+        # each followed by a short one
         *cycle("settle-4", "tower-4", 700, "settle-5", 1000),
         *cycle("settle-5", "tower-5", 500, "settle-6", 1000),
-        ("settle-7", str(out / "settle-7"), str(out / "settle-6"), False, "rrle", 5e-5, 400, None)]
+        ("settle-7", str(out / "settle-7"), str(out / "settle-6"), False, "rrle", 5e-5, 400, None),
+        *cycle("settle-7", "tower-6", 500, "settle-8", 1000),
+        ("settle-9", str(out / "settle-9"), str(out / "settle-8"), False, "rrle", 5e-5, 400, None)]
 
     then = Recorder()
     monkeypatch.setattr(train, "train", then.train)

@@ -60,10 +60,10 @@ STAGES = (
                              "focus": "side,size,absent"}),
     Stage("settle-4", {"steps": 1269, "lr": 5e-5, "seed": 43, "focus": "side,size,absent"}),
 )
-# What each format adds to STAGES. R-RLE: two more tower cycles (a tower stage, the language model
-# on it, then both together), the second with the tower's rate annealed, then a short stage that gives
-# absent and side queries half the scenes. Full-length: the same grid written cell by cell, then the
-# same at half the rate with absent targets among the kinds that get scenes of their own.
+# What each format adds to STAGES. R-RLE: three more tower cycles (a tower stage, the language model
+# on it, then both together), the last two with the tower's rate annealed and each followed by a short
+# stage that gives absent and side queries half the scenes. Full-length: the same grid written cell by
+# cell, then the same at half the rate with absent targets among the kinds that get scenes of their own.
 OWN = {
     "rrle": (Stage("tower-4", {"steps": 1400, "lr": 3e-4, "seed": 51}, tower=True),
              Stage("tower-4-frozen", {"steps": 700, "lr": 1e-4, "seed": 52, "freeze_tower": True,
@@ -73,7 +73,12 @@ OWN = {
              Stage("tower-5-frozen", {"steps": 500, "lr": 1e-4, "seed": 62, "freeze_tower": True,
                                       "focus": "side,size,absent"}),
              Stage("settle-6", {"steps": 1000, "lr": 5e-5, "seed": 63, "focus": "side,size,absent"}),
-             Stage("settle-7", {"steps": 400, "lr": 5e-5, "seed": 71, "focus": "absent,side", "focus_share": 0.5})),
+             Stage("settle-7", {"steps": 400, "lr": 5e-5, "seed": 71, "focus": "absent,side", "focus_share": 0.5}),
+             Stage("tower-6", {"steps": 1250, "lr": 3e-4, "seed": 81, "anneal": True}, tower=True),
+             Stage("tower-6-frozen", {"steps": 500, "lr": 1e-4, "seed": 82, "freeze_tower": True,
+                                      "focus": "side,size,absent"}),
+             Stage("settle-8", {"steps": 1000, "lr": 5e-5, "seed": 83, "focus": "side,size,absent"}),
+             Stage("settle-9", {"steps": 400, "lr": 5e-5, "seed": 84, "focus": "absent,side", "focus_share": 0.5})),
     "full": (Stage("full", {"fmt": "full", "steps": 1500, "lr": 2e-4, "seed": 11}),
              Stage("full-2", {"fmt": "full", "steps": 700, "lr": 1e-4, "seed": 12, "focus": "side,size,absent"})),
 }
