@@ -149,11 +149,17 @@ def test_a_curriculum_stage_starts_from_a_bundled_model_and_records_its_lineage(
     for name, fmt in (("tiny-rrle", "rrle"), ("tiny-full", "full")):
         lineage = train._lineage(name)
         assert lineage[0].get("stage") == "tower" and lineage[1]["freeze_tower"] and lineage[-1]["fmt"] == fmt
-        for before, stage in zip(lineage, lineage[1:]):  # each from the run before (or its saved model), or the
-            start = Path(stage["init"])  # bundled tiny-rrle it was (tiny-full's too), by name or by path
+        # each stage from the run before (or its saved model), or the bundled tiny-rrle it was (tiny-full's too),
+        # by name or by path; a stage on a new tower from the run that the tower stage went on from
+        for before, stage in zip(lineage, lineage[1:]):
+            start = Path(stage["init"])
             run = start.parent if start.name == "model" else start
+            source = before["out"]
+            if before.get("stage") == "tower" and before.get("init"):
+                assert Path(stage["tower"]).name == Path(before["out"]).name
+                source = before["init"]
             bundled = train._init_source(stage["init"]).resolve() == train._init_source("tiny-rrle").resolve()
-            assert bundled or run.name == Path(before["out"]).name
+            assert bundled or run.name == Path(source).name
         towers.append(lineage[0])
     assert towers[0] == towers[1]
     with pytest.raises(FileNotFoundError, match="--init"):
