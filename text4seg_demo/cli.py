@@ -36,6 +36,13 @@ def _kinds(text: str) -> str | None:
     return text
 
 
+def _some_kinds(text: str) -> tuple[str, ...]:
+    kinds = _kinds(text)
+    if kinds is None:
+        raise argparse.ArgumentTypeError("give at least one query kind")
+    return tuple(kinds.split(","))
+
+
 def _share(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -75,6 +82,13 @@ def _image_size(text: str) -> int:
     if value <= 0 or value % VISION_GRID:
         raise argparse.ArgumentTypeError(f"the image size must be a positive multiple of {VISION_GRID} "
                                          f"({VISION_GRID} x {VISION_GRID} patches), got {value}")
+    return value
+
+
+def _layers(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a tower has at least one layer, got {value}")
     return value
 
 
@@ -218,7 +232,8 @@ def cmd_synth(args) -> int:
 
     with tqdm(total=args.n_images, desc=f"synth ({args.split})", unit="image") as bar:
         manifest = make_dataset(args.out, args.n_images, args.seed, args.queries_per_image,
-                                progress=lambda n: bar.update(1), domain=SPLITS[args.split])
+                                progress=lambda n: bar.update(1), domain=SPLITS[args.split],
+                                kinds=args.kinds)
     print(f"{sum(1 for _ in open(manifest))} queries written to {manifest}", file=sys.stderr)
     return 0
 
@@ -247,7 +262,7 @@ def cmd_train_tiny(args) -> int:
 
         cfg = TowerConfig(out=str(args.out), grid=args.grid, seed=args.seed, eval_every_min=args.eval_every,
                           minutes=args.minutes, workers=args.workers, image_size=args.image_size,
-                          init=str(args.init) if args.init else None, anneal=args.anneal,
+                          vision_layers=args.vision_layers, init=str(args.init) if args.init else None, anneal=args.anneal,
                           **_given(steps=args.steps, batch=args.batch, lr=args.lr))
         train_tower(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
         print(f"tower written to {args.out / 'checkpoint.pt'}; start a LLaVA stage with --init {args.out}",
@@ -261,7 +276,8 @@ def cmd_train_tiny(args) -> int:
                       freeze_tower=args.freeze_tower, label_tokens=args.label_tokens,
                       image_attention=args.image_attention, contrast=args.contrast,
                       colour_rivals=args.colour_rivals, focus=args.focus, focus_share=args.focus_share,
-                      warm_heads=args.warm_heads, image_size=args.image_size, perception=args.perception,
+                      warm_heads=args.warm_heads, image_size=args.image_size, vision_layers=args.vision_layers,
+                      perception=args.perception,
                       tower=str(args.tower) if args.tower else None, size_skew=args.size_skew, ema=args.ema,
                       bf16={"auto": None, "bf16": True, "fp32": False}[args.precision])
     path = train(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -453,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--split", choices=list(SPLITS), default="domain",
                      help="domain: the stated domain the models train on; shifted: other ranges inside it "
                           "(bold textures, small shapes, crowded scenes), never trained on")
+    syn.add_argument("--kinds", type=_some_kinds, default=KINDS,
+                     help="make the scenes for these query kinds in turn, comma-separated (default: all); each "
+                          "scene's first query is of its kind where it has one, so with --queries-per-image 1 the "
+                          "set measures those kinds on more queries than a mixed one")
     syn.set_defaults(func=cmd_synth)
 
     tt = commands.add_parser("train-tiny", help="train a tiny Text4Seg model from scratch on the synthetic domain")
@@ -495,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--image-size", type=_image_size, default=224, metavar="PX",
                     help="the vision tower's input side, a multiple of 16: 16 x 16 patches of PX/16 px. Above the "
                          "--init model's, its patch embedding is resized to answer as before (default 224)")
+    tt.add_argument("--vision-layers", type=_layers, default=4, metavar="N",
+                    help="the vision tower's encoder layers. Above the --init model's, the extra layers go on top, "
+                         "each adding nothing at first, so the model answers as before (default 4)")
     tt.add_argument("--perception", type=float, default=0.0, metavar="WEIGHT",
                     help="go on teaching the vision tower shape kinds and colours per patch, with the tower stage's "
                          "loss on as many extra scenes as the batch, at this weight (default 0: no such loss)")

@@ -36,6 +36,16 @@ def test_generator_is_deterministic_and_covers_the_domain(tmp_path):
         assert mask.any() == (r["kind"] != "absent")
 
 
+def test_a_set_of_one_query_kind_holds_that_kind_where_its_scenes_have_one(tmp_path):
+    synth.make_dataset(tmp_path / "side", 24, seed=9, queries_per_image=1, kinds=("side",),
+                       domain=synth.SHIFTED)
+    rows = [json.loads(line) for line in (tmp_path / "side" / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and sum(r["kind"] == "side" for r in rows) >= 20
+    for r in rows:
+        words = r["expression"].split()
+        assert r["kind"] != "side" or " ".join(words[2:]) in synth.SIDES
+
+
 @pytest.mark.parametrize("style", [b for b in synth.BACKGROUNDS if b != "noisy"])
 def test_every_background_family_keeps_clear_of_the_shape_colours(style):
     domain = dataclasses.replace(synth.DOMAIN, backgrounds=(style,), noise=0.0)

@@ -150,18 +150,24 @@ def test_a_tower_stage_goes_on_from_a_runs_tower_and_a_stage_of_that_run_takes_i
     llava = str(tmp_path / "llava")
     train.train(train.TrainConfig(out=llava, steps=1, batch=2, eval_queries=0), log=quiet)
     # at a rate of 0 the stage's tower is where it started: the run's, its patches resized to 28 px
+    # and a fifth layer on top
     run = tower.train_tower(tower.TowerConfig(out=str(tmp_path / "tower"), init=llava, image_size=448, steps=1,
-                                              batch=2, eval_scenes=4, fit_scenes=8, lr=0.0), log=quiet)
+                                              vision_layers=5, batch=2, eval_scenes=4, fit_scenes=8, lr=0.0),
+                            log=quiet)
     went_on = torch.load(run / "checkpoint.pt", weights_only=False)["tower"]
-    larger = tiny.build_model(tiny.build_tokenizer(tiny.training_corpus()), image_size=448).model.vision_tower
+    larger = tiny.build_model(tiny.build_tokenizer(tiny.training_corpus()), image_size=448,
+                              vision_layers=5).model.vision_tower
     assert went_on["embeddings.patch_embedding.weight"].shape[-1] == 28
-    started = train.fit_patches(train.tower_weights(llava), larger)
+    assert not went_on["encoder.layers.4.mlp.fc2.weight"].any()
+    started = train.fit_tower(train.tower_weights(llava), larger)
     assert started.keys() == went_on.keys() and all(torch.equal(went_on[k], v) for k, v in started.items())
 
     model_dir = train.train(train.TrainConfig(out=str(tmp_path / "again"), steps=1, batch=2, eval_queries=0,
-                                              init=llava, tower=str(run), image_size=448, freeze_tower=True),
+                                              init=llava, tower=str(run), image_size=448, vision_layers=5,
+                                              freeze_tower=True),
                             log=quiet)
     after = torch.load(tmp_path / "again" / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(after[f"model.vision_tower.{name}"], value) for name, value in went_on.items())
     record = json.loads((model_dir / "text4seg.json").read_text())["training"]
-    assert f"--tower {run}" in tiny.stage_flags(record) and "--image-size 448" in tiny.stage_flags(record)
+    flags = tiny.stage_flags(record)
+    assert f"--tower {run}" in flags and "--image-size 448" in flags and "--vision-layers 5" in flags

@@ -99,7 +99,26 @@ def test_a_stage_at_a_larger_image_size_starts_where_the_smaller_model_was(tmp_p
     tiny.save_pretrained(large, tokenizer, tmp_path / "large", {})  # and it is saved with its image size
     assert json.loads((tmp_path / "large" / "preprocessor_config.json").read_text())["size"]["height"] == 448
     with pytest.raises(ValueError, match="whole multiple"):
-        train.fit_patches(small.state_dict(), tiny.build_model(tokenizer, text_layers=2, image_size=320))
+        train.fit_tower(small.state_dict(), tiny.build_model(tokenizer, text_layers=2, image_size=320))
+
+
+def test_a_deeper_tower_starts_out_answering_as_the_shallower_one_did_and_can_learn(tmp_path):
+    """Layers added on top of a trained tower add nothing to the residual stream at first: the
+    deeper model's logits are the saved model's, and the new layers' output projections get a
+    gradient, so training can put them to use. A tower cannot be made shallower."""
+    tokenizer = tiny.build_tokenizer(tiny.training_corpus())
+    tiny.save_pretrained(tiny.build_model(tokenizer, text_layers=2, seed=3), tokenizer, tmp_path / "small", {})
+    small = LlavaForConditionalGeneration.from_pretrained(tmp_path / "small", dtype=torch.float32).eval()
+    deep = tiny.build_model(tokenizer, text_layers=2, seed=4, vision_layers=6).eval()
+    train._initialise(deep, train.AuxHeads(256, 16), str(tmp_path / "small"), tokenizer)
+    inputs = {"input_ids": torch.tensor([[tokenizer.bos_token_id] + [small.config.image_token_index] * 256]),
+              "pixel_values": torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))}
+    assert torch.allclose(deep(**inputs).logits, small(**inputs).logits, atol=1e-5)
+    deep(**inputs).logits.sum().backward()
+    new = deep.model.vision_tower.encoder.layers[5]
+    assert new.mlp.fc2.weight.grad.abs().sum() > 0 and new.self_attn.out_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="--vision-layers 6"):
+        train.fit_tower(deep.state_dict(), small)
 
 
 @pytest.mark.slow

@@ -339,15 +339,19 @@ class SceneMaker:
 
 
 def make_dataset(out: str | Path, n_images: int, seed: int, queries_per_image: int = 2, progress=None,
-                 domain: Domain = DOMAIN) -> Path:
-    """Write ``n_images`` scenes with their queries under ``out`` and a ``manifest.jsonl``."""
+                 domain: Domain = DOMAIN, kinds: tuple[str, ...] = KINDS) -> Path:
+    """Write ``n_images`` scenes with their queries under ``out`` and a ``manifest.jsonl``.
+
+    Scenes are made for each of ``kinds`` in turn, each scene's first query of that kind where
+    the scene has one: with one query per image, a set that measures those kinds on many more
+    queries than a mixed set gives them."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     maker = SceneMaker(seed, domain)
     lines = []
     for n in range(n_images):
-        focus = KINDS[n % len(KINDS)]
+        focus = kinds[n % len(kinds)]
         image, visible, shapes = maker.scene(focus)
         image_rel = f"images/{n:06d}.png"
         image.save(out / image_rel)

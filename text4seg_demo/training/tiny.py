@@ -21,6 +21,7 @@ from ..inference.settings import read_record, write_record
 from .synth import BACKGROUNDS, expressions
 
 IMAGE_SIZE, VISION_GRID = 224, 16  # default input side; vision tokens per side at any input size
+VISION_LAYERS = 4  # the tower's default depth
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
@@ -69,7 +70,7 @@ def training_corpus() -> list[str]:
     return texts
 
 
-def build_model(tokenizer, vision_hidden=192, vision_layers=4, text_hidden=256, text_layers=4, seed=0,
+def build_model(tokenizer, vision_hidden=192, vision_layers=VISION_LAYERS, text_hidden=256, text_layers=4, seed=0,
                 image_size=IMAGE_SIZE):
     """A freshly initialised tiny LLaVA for ``tokenizer``."""
     import torch
@@ -174,6 +175,8 @@ def stage_flags(t: dict) -> str:
         flags.append(f"--warm-heads {t['warm_heads']}")
     if t.get("image_size", IMAGE_SIZE) != IMAGE_SIZE:
         flags.append(f"--image-size {t['image_size']}")
+    if t.get("vision_layers", VISION_LAYERS) != VISION_LAYERS:
+        flags.append(f"--vision-layers {t['vision_layers']}")
     if t.get("tower"):
         flags.append(f"--tower {_shown(t['tower'])}")
     if t.get("perception"):
@@ -192,7 +195,9 @@ def _stage_summary(stage: dict) -> str:
     if stage.get("generator") != GENERATOR:
         where += ", " + EARLIER_GENERATORS.get(stage.get("generator"), EARLIER_GENERATORS[None])
     if stage.get("stage") == "tower":
-        return f"tower stage, {stage['steps']} steps of {stage['batch']} scenes in {stage['minutes']} min{where}"
+        layers = stage.get("vision_layers", VISION_LAYERS)
+        deeper = f" ({layers} layers)" if layers != VISION_LAYERS else ""
+        return f"tower stage{deeper}, {stage['steps']} steps of {stage['batch']} scenes in {stage['minutes']} min{where}"
     if stage["steps"] == 0:
         return f"{stage['fmt']}, the tokenizer extended, no steps"
     return f"{stage['fmt']}, {stage['steps']} steps in {stage['minutes']} min{where} (`{stage_flags(stage)}`)"
@@ -227,7 +232,7 @@ def write_card(run: str | Path) -> Path:
         f"a {settings['grid']} x {settings['grid']} grid. Prompt template: `{settings['prompt_style']}` "
         "(the question before the image).",
         "",
-        f"- architecture: transformers `LlavaForConditionalGeneration`, CLIP-style tower 192 x 4 layers at "
+        f"- architecture: transformers `LlavaForConditionalGeneration`, CLIP-style tower 192 x {vision.num_hidden_layers} layers at "
         f"{vision.image_size} px / {vision.patch_size} px patches, 2-layer MLP projector, Llama 256 x {t['text_layers']} layers; {params / 1e6:.2f}M parameters",
         f"- tokenizer: byte-level BPE, {TOKENIZER_SUMMARY[t.get('label_tokens', 'whole')]}",
         (f"- training: {t['steps']} steps of batch {t['batch']} (fresh synthetic samples, seed {t['seed']}), AdamW "

@@ -53,6 +53,7 @@ class TowerConfig:
     workers: int = 0
     init: str | None = None  # go on training the tower of this run, tower stage or saved model
     image_size: int = tiny.IMAGE_SIZE  # input side: 16 x 16 patches of image_size / 16 px (an init's are resized)
+    vision_layers: int = tiny.VISION_LAYERS  # encoder layers (an init's shallower tower is deepened)
     fit_scenes: int = 256  # given init, the head is first fitted to its tower on this many scenes (fit_head)
 
 
@@ -205,7 +206,7 @@ def train_tower(cfg: TowerConfig, resume: bool = False, log=print) -> Path:
     device = choose_device()
     torch.manual_seed(cfg.seed)
     tower = tiny.build_model(tiny.build_tokenizer(tiny.training_corpus()), seed=cfg.seed,
-                             image_size=cfg.image_size).model.vision_tower
+                             image_size=cfg.image_size, vision_layers=cfg.vision_layers).model.vision_tower
     head = PatchHead(tower.config.hidden_size)
     tower.to(device)
     head.to(device)
@@ -218,9 +219,9 @@ def train_tower(cfg: TowerConfig, resume: bool = False, log=print) -> Path:
         opt.load_state_dict(state["opt"])
         log(f"resumed at step {run.step} ({run.minutes():.1f} min)")
     elif cfg.init:
-        from .train import fit_patches, tower_weights  # train imports this module
+        from .train import fit_tower, tower_weights  # train imports this module
 
-        tower.load_state_dict(fit_patches(tower_weights(cfg.init), tower))
+        tower.load_state_dict(fit_tower(tower_weights(cfg.init), tower))
         loss = fit_head(tower, head, processor, cfg.grid, synth.SceneMaker(cfg.seed + 10**5),
                         n=cfg.fit_scenes, pool_weight=cfg.pool_weight)
         log(f"tower of {cfg.init}, its head fitted (loss {loss:.3f})")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -74,7 +75,8 @@ class TrainConfig:
     focus: str | None = "side,size"  # query kinds (synth.KINDS, comma-separated) drawn more often than the rest
     focus_share: float = 0.4  # the share of scenes made for ``focus``; the rest draw a kind uniformly
     warm_heads: int = 0  # first steps that move only the training heads (see train)
-    image_size: int = tiny.IMAGE_SIZE  # the tower's input side, in 16 x 16 patches (an init's are resized: fit_patches)
+    image_size: int = tiny.IMAGE_SIZE  # the tower's input side, in 16 x 16 patches (an init's are resized: fit_tower)
+    vision_layers: int = tiny.VISION_LAYERS  # the tower's depth (an init's shallower tower is deepened: fit_tower)
     perception: float = 0.0  # weight of the tower stage's kind and colour loss, on as many extra scenes; 0: none
     tower: str | None = None  # the vision tower from this run instead of init's (a tower stage that went on from it)
     size_skew: float = 1.0  # training shape sizes over the domain's range as u ** size_skew: above 1, more small ones
@@ -270,7 +272,7 @@ def _initialise(model, heads, init: str, tokenizer) -> str:
     if (source / "checkpoint.pt").exists():
         start = torch.load(source / "checkpoint.pt", weights_only=False, map_location="cpu")
         if "tower" in start:  # a tower stage (tower.py): the rest starts afresh
-            model.model.vision_tower.load_state_dict(fit_patches(start["tower"], model.model.vision_tower))
+            model.model.vision_tower.load_state_dict(fit_tower(start["tower"], model.model.vision_tower))
             return f"vision tower initialised from the tower stage {init} (step {start['step']})"
         _load_weights(model, stage_weights(start), init)
         heads.load_state_dict({**heads.state_dict(), **_answer_heads(start["heads"])})
@@ -319,13 +321,15 @@ def _answer_heads(weights: dict) -> dict:
 EMBEDDINGS = ("model.language_model.embed_tokens.weight", "lm_head.weight")  # tied: one matrix
 
 
-def fit_patches(weights: dict, model) -> dict:
-    """``weights`` with a patch embedding of a lower-resolution tower made fit for ``model``'s.
+def fit_tower(weights: dict, model) -> dict:
+    """``weights`` made fit for ``model``'s vision tower, when that one is finer or deeper.
 
-    Its patches are ``f`` times as wide now, over ``f`` times as many pixels: each kernel weight
-    is spread over the ``f x f`` pixels that its one pixel became, divided by ``f²``, so a patch
-    reads the same average colours as before and the model answers as it did (area resizing
-    aside), free to learn the finer detail."""
+    A finer tower's patches are ``f`` times as wide, over ``f`` times as many pixels: each kernel
+    weight is spread over the ``f x f`` pixels that its one pixel became, divided by ``f²``, so a
+    patch reads the same average colours as before. A deeper tower gets its extra encoder layers
+    on top, each a copy of the last one with its two output projections at zero: a residual
+    layer that adds nothing, so the model answers as it did (area resizing aside), free to learn
+    the finer detail or to use the extra layers."""
     ours = model.state_dict()
     fitted = dict(weights)
     for key in (k for k in weights if k.endswith("patch_embedding.weight") and k in ours):
@@ -336,7 +340,29 @@ def fit_patches(weights: dict, model) -> dict:
                 raise ValueError(f"a {kernel.shape[-1]} px patch embedding cannot become a {target[-1]} px one: "
                                  "give an --image-size that is a whole multiple of the starting model's")
             fitted[key] = kernel.repeat_interleave(f, -2).repeat_interleave(f, -1) / f**2
-    return fitted
+    return _deepen(fitted, ours)
+
+
+LAYER = re.compile(r"(.*encoder\.layers\.)(\d+)\.(.*)")  # the vision tower's: Llama's layers are no encoder's
+SILENT = ("self_attn.out_proj.", "mlp.fc2.")  # a layer whose outputs are zero adds nothing to the residual
+
+
+def _deepen(weights: dict, ours: dict) -> dict:
+    """``weights`` with as many vision encoder layers as ``ours``, new ones silent (see :func:`fit_tower`)."""
+    def depth(state):
+        return 1 + max((int(m[2]) for m in map(LAYER.fullmatch, state) if m), default=-1)
+
+    have, want = depth(weights), depth(ours)
+    if have > want:
+        raise ValueError(f"the starting weights have a {have}-layer vision tower, this run's has {want}: "
+                         f"give --vision-layers {have} or more")
+    deepened = dict(weights)
+    for key, value in weights.items():
+        m = LAYER.fullmatch(key)
+        if m and int(m[2]) == have - 1:
+            for layer in range(have, want):
+                deepened[f"{m[1]}{layer}.{m[3]}"] = torch.zeros_like(value) if m[3].startswith(SILENT) else value.clone()
+    return deepened
 
 
 def _load_weights(model, weights: dict, init: str, theirs=None, ours=None) -> int:
@@ -344,7 +370,7 @@ def _load_weights(model, weights: dict, init: str, theirs=None, ours=None) -> in
     tokenizer they were trained with. A token they lack starts as the mean of the rows of the
     pieces ``theirs`` writes it with: it reads about as they did, and as its logit is their
     mean it cannot outscore them, so greedy answers are unchanged until training moves it."""
-    weights = fit_patches(weights, model)
+    weights = fit_tower(weights, model)
     old = weights[EMBEDDINGS[0]]
     size = model.state_dict()[EMBEDDINGS[0]].shape[0]
     if old.shape[0] == size:
@@ -398,12 +424,13 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     device = choose_device()
     tokenizer = tiny.build_tokenizer(tiny.training_corpus(), label_tokens=cfg.label_tokens)
     processor = tiny.build_image_processor(cfg.image_size)
-    model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed, image_size=cfg.image_size)
+    model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed, image_size=cfg.image_size,
+                             vision_layers=cfg.vision_layers)
     heads = AuxHeads.of_run(model, cfg)
     if state is None and cfg.init:
         log(_initialise(model, heads, cfg.init, tokenizer))
     if state is None and cfg.tower:
-        model.model.vision_tower.load_state_dict(fit_patches(tower_weights(cfg.tower), model.model.vision_tower))
+        model.model.vision_tower.load_state_dict(fit_tower(tower_weights(cfg.tower), model.model.vision_tower))
         log(f"vision tower from {cfg.tower}")
     model.to(device)
     heads.to(device)
@@ -475,7 +502,8 @@ def _load_run(run: str | Path):
     state = torch.load(Path(run) / "checkpoint.pt", weights_only=False, map_location="cpu")
     cfg = TrainConfig(**state["config"])
     tokenizer = tiny.build_tokenizer(tiny.training_corpus(), label_tokens=cfg.label_tokens)
-    model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed, image_size=cfg.image_size)
+    model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed, image_size=cfg.image_size,
+                             vision_layers=cfg.vision_layers)
     model.load_state_dict(stage_weights(state))
     return state, cfg, tokenizer, model
 
