@@ -515,9 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--image-size", type=_image_size, default=224, metavar="PX",
                     help="the vision tower's input side, a multiple of 16: 16 x 16 patches of PX/16 px. Above the "
                          "--init model's, its patch embedding is resized to answer as before (default 224)")
-    tt.add_argument("--vision-layers", type=_layers, default=4, metavar="N",
-                    help="the vision tower's encoder layers. Above the --init model's, the extra layers go on top, "
-                         "each adding nothing at first, so the model answers as before (default 4)")
+    tt.add_argument("--vision-layers", type=_layers, default=None, metavar="N",
+                    help="the vision tower's encoder layers. Above the starting tower's, the extra layers go on top, "
+                         "each adding nothing at first, so the model answers as before (default: as many as the "
+                         "tower of --tower or --init has, 4 for a fresh one)")
     tt.add_argument("--perception", type=float, default=0.0, metavar="WEIGHT",
                     help="go on teaching the vision tower shape kinds and colours per patch, with the tower stage's "
                          "loss on as many extra scenes as the batch, at this weight (default 0: no such loss)")

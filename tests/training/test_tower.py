@@ -163,11 +163,10 @@ def test_a_tower_stage_goes_on_from_a_runs_tower_and_a_stage_of_that_run_takes_i
     assert started.keys() == went_on.keys() and all(torch.equal(went_on[k], v) for k, v in started.items())
 
     model_dir = train.train(train.TrainConfig(out=str(tmp_path / "again"), steps=1, batch=2, eval_queries=0,
-                                              init=llava, tower=str(run), image_size=448, vision_layers=5,
-                                              freeze_tower=True),
+                                              init=llava, tower=str(run), image_size=448, freeze_tower=True),
                             log=quiet)
     after = torch.load(tmp_path / "again" / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(after[f"model.vision_tower.{name}"], value) for name, value in went_on.items())
     record = json.loads((model_dir / "text4seg.json").read_text())["training"]
-    flags = tiny.stage_flags(record)
+    flags = tiny.stage_flags(record)  # as deep as the tower it took, unasked
     assert f"--tower {run}" in flags and "--image-size 448" in flags and "--vision-layers 5" in flags

@@ -151,14 +151,16 @@ def test_a_curriculum_stage_starts_from_a_bundled_model_and_records_its_lineage(
     # whole-expression tokens are the words tokenizer and one token per expression: a stage may start from
     # the bundled model with them; the other way round, tokens would be lost, and the stage is refused
     whole = tiny.build_tokenizer(tiny.training_corpus(), label_tokens="whole")
-    extended = train._initialise(tiny.build_model(whole, text_layers=6), train.AuxHeads(256, 16), "tiny-rrle", whole)
+    depth = train.starting_depth("tiny-rrle")
+    extended = train._initialise(tiny.build_model(whole, text_layers=6, vision_layers=depth), train.AuxHeads(256, 16),
+                                 "tiny-rrle", whole)
     assert "124 new tokens" in extended
     tiny.save_pretrained(tiny.build_model(whole, text_layers=2), whole, tmp_path / "whole", {})
     tokenizer = tiny.build_tokenizer(tiny.training_corpus(), label_tokens=label_tokens)
     with pytest.raises(ValueError, match="--label-tokens it was trained with"):
         train._initialise(tiny.build_model(tokenizer, text_layers=2), train.AuxHeads(256, 16), str(tmp_path / "whole"),
                           tokenizer)
-    model = tiny.build_model(tokenizer, text_layers=6, seed=1)
+    model = tiny.build_model(tokenizer, text_layers=6, seed=1, vision_layers=depth)
     message = train._initialise(model, train.AuxHeads(256, 16), "tiny-rrle", tokenizer)
     assert "saved model" in message
     bundled = LlavaForConditionalGeneration.from_pretrained("assets/tiny-rrle", dtype=torch.float32)

@@ -53,7 +53,7 @@ class TowerConfig:
     workers: int = 0
     init: str | None = None  # go on training the tower of this run, tower stage or saved model
     image_size: int = tiny.IMAGE_SIZE  # input side: 16 x 16 patches of image_size / 16 px (an init's are resized)
-    vision_layers: int = tiny.VISION_LAYERS  # encoder layers (an init's shallower tower is deepened)
+    vision_layers: int | None = None  # encoder layers; None: init's, or tiny.VISION_LAYERS (a shallower init is deepened)
     fit_scenes: int = 256  # given init, the head is first fitted to its tower on this many scenes (fit_head)
 
 
@@ -203,6 +203,10 @@ def train_tower(cfg: TowerConfig, resume: bool = False, log=print) -> Path:
                              "workers": cfg.workers})
     if cfg.anneal and cfg.steps is None:
         raise ValueError("an annealed tower stage lowers its rate along its steps: give it --steps")
+    if cfg.vision_layers is None:
+        from .train import starting_depth  # train imports this module
+
+        cfg.vision_layers = starting_depth(cfg.init)
     device = choose_device()
     torch.manual_seed(cfg.seed)
     tower = tiny.build_model(tiny.build_tokenizer(tiny.training_corpus()), seed=cfg.seed,

@@ -76,7 +76,7 @@ class TrainConfig:
     focus_share: float = 0.4  # the share of scenes made for ``focus``; the rest draw a kind uniformly
     warm_heads: int = 0  # first steps that move only the training heads (see train)
     image_size: int = tiny.IMAGE_SIZE  # the tower's input side, in 16 x 16 patches (an init's are resized: fit_tower)
-    vision_layers: int = tiny.VISION_LAYERS  # the tower's depth (an init's shallower tower is deepened: fit_tower)
+    vision_layers: int | None = None  # the tower's depth; None: the starting tower's (a shallower one is deepened: fit_tower)
     perception: float = 0.0  # weight of the tower stage's kind and colour loss, on as many extra scenes; 0: none
     tower: str | None = None  # the vision tower from this run instead of init's (a tower stage that went on from it)
     size_skew: float = 1.0  # training shape sizes over the domain's range as u ** size_skew: above 1, more small ones
@@ -305,6 +305,11 @@ def tower_weights(init: str) -> dict:
     raise FileNotFoundError(f"{init}: no checkpoint.pt or model.safetensors in {source} to take a vision tower from")
 
 
+def starting_depth(source: str | None) -> int:
+    """The depth of the tower a stage starts from: ``source``'s, or the default for a fresh one."""
+    return encoder_depth(tower_weights(source)) if source else tiny.VISION_LAYERS
+
+
 def stage_weights(state: dict) -> dict:
     """The model weights a LLaVA stage's checkpoint stands for: the moving average where the stage
     kept one (``--ema``), else its last step's."""
@@ -347,12 +352,14 @@ LAYER = re.compile(r"(.*encoder\.layers\.)(\d+)\.(.*)")  # the vision tower's: L
 SILENT = ("self_attn.out_proj.", "mlp.fc2.")  # a layer whose outputs are zero adds nothing to the residual
 
 
+def encoder_depth(weights: dict) -> int:
+    """How many vision encoder layers ``weights`` hold."""
+    return 1 + max((int(m[2]) for m in map(LAYER.fullmatch, weights) if m), default=-1)
+
+
 def _deepen(weights: dict, ours: dict) -> dict:
     """``weights`` with as many vision encoder layers as ``ours``, new ones silent (see :func:`fit_tower`)."""
-    def depth(state):
-        return 1 + max((int(m[2]) for m in map(LAYER.fullmatch, state) if m), default=-1)
-
-    have, want = depth(weights), depth(ours)
+    have, want = encoder_depth(weights), encoder_depth(ours)
     if have > want:
         raise ValueError(f"the starting weights have a {have}-layer vision tower, this run's has {want}: "
                          f"give --vision-layers {have} or more")
@@ -421,6 +428,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         steps = cfg.steps if cfg.steps is not None else state["config"].get("steps")  # kept unless given
         cfg = TrainConfig(**{**state["config"], "minutes": cfg.minutes, "steps": steps, "out": cfg.out,
                              "workers": cfg.workers})
+    if cfg.vision_layers is None:
+        cfg.vision_layers = starting_depth(cfg.tower or cfg.init)
     device = choose_device()
     tokenizer = tiny.build_tokenizer(tiny.training_corpus(), label_tokens=cfg.label_tokens)
     processor = tiny.build_image_processor(cfg.image_size)
@@ -503,7 +512,7 @@ def _load_run(run: str | Path):
     cfg = TrainConfig(**state["config"])
     tokenizer = tiny.build_tokenizer(tiny.training_corpus(), label_tokens=cfg.label_tokens)
     model = tiny.build_model(tokenizer, text_layers=cfg.text_layers, seed=cfg.seed, image_size=cfg.image_size,
-                             vision_layers=cfg.vision_layers)
+                             vision_layers=encoder_depth(state["model"]))
     model.load_state_dict(stage_weights(state))
     return state, cfg, tokenizer, model
 
