@@ -64,15 +64,16 @@ def test_a_model_cards_command_line_gives_back_its_stage():
 
     cfg = train.TrainConfig(out="RUN", lr=2.5e-4, positions="grid", freeze_tower=True, label_tokens="words",
                             image_attention="bidirectional", contrast=True, colour_rivals=True, focus="side",
-                            focus_share=0.3, warm_heads=300, image_size=448, size_skew=1.5, perception=0.3,
-                            backgrounds=("stripes", "checks"), ema=0.997)
+                            focus_share=0.3, warm_heads=300, image_size=448, vision_layers=6, size_skew=1.5,
+                            perception=0.3, backgrounds=("stripes", "checks"), ema=0.997)
     args = build_parser().parse_args(["train-tiny", "--out", "RUN", *tiny.stage_flags(asdict(cfg)).split()])
     assert (args.lr, args.positions, args.freeze_tower, args.label_tokens, args.image_attention, args.contrast,
-            args.colour_rivals, args.focus, args.focus_share, args.warm_heads, args.image_size, args.size_skew,
-            args.perception, args.backgrounds, args.ema) == (
-        2.5e-4, "grid", True, "words", "bidirectional", True, True, "side", 0.3, 300, 448, 1.5, 0.3,
+            args.colour_rivals, args.focus, args.focus_share, args.warm_heads, args.image_size, args.vision_layers,
+            args.size_skew, args.perception, args.backgrounds, args.ema) == (
+        2.5e-4, "grid", True, "words", "bidirectional", True, True, "side", 0.3, 300, 448, 6, 1.5, 0.3,
         ("stripes", "checks"), 0.997)
-    assert "--backgrounds" not in tiny.stage_flags(asdict(train.TrainConfig(out="RUN")))  # every family: the default
+    defaults = tiny.stage_flags(asdict(train.TrainConfig(out="RUN")))
+    assert "--backgrounds" not in defaults and "--vision-layers" not in defaults  # every family; the start's depth
     with pytest.raises(SystemExit):  # 16 x 16 patches: the side must divide by 16
         build_parser().parse_args(["train-tiny", "--out", "RUN", "--image-size", "300"])
     with pytest.raises(SystemExit):  # a decay of 1 would never move the average

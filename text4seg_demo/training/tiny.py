@@ -175,7 +175,7 @@ def stage_flags(t: dict) -> str:
         flags.append(f"--warm-heads {t['warm_heads']}")
     if t.get("image_size", IMAGE_SIZE) != IMAGE_SIZE:
         flags.append(f"--image-size {t['image_size']}")
-    if t.get("vision_layers", VISION_LAYERS) != VISION_LAYERS:
+    if t.get("vision_layers") not in (None, VISION_LAYERS):  # None: the starting tower's
         flags.append(f"--vision-layers {t['vision_layers']}")
     if t.get("tower"):
         flags.append(f"--tower {_shown(t['tower'])}")
@@ -195,7 +195,7 @@ def _stage_summary(stage: dict) -> str:
     if stage.get("generator") != GENERATOR:
         where += ", " + EARLIER_GENERATORS.get(stage.get("generator"), EARLIER_GENERATORS[None])
     if stage.get("stage") == "tower":
-        layers = stage.get("vision_layers", VISION_LAYERS)
+        layers = stage.get("vision_layers") or VISION_LAYERS
         deeper = f" ({layers} layers)" if layers != VISION_LAYERS else ""
         return f"tower stage{deeper}, {stage['steps']} steps of {stage['batch']} scenes in {stage['minutes']} min{where}"
     if stage["steps"] == 0:
