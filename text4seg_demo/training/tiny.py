@@ -195,9 +195,10 @@ def _stage_summary(stage: dict) -> str:
     if stage.get("generator") != GENERATOR:
         where += ", " + EARLIER_GENERATORS.get(stage.get("generator"), EARLIER_GENERATORS[None])
     if stage.get("stage") == "tower":
-        layers = stage.get("vision_layers") or VISION_LAYERS
-        deeper = f" ({layers} layers)" if layers != VISION_LAYERS else ""
-        return f"tower stage{deeper}, {stage['steps']} steps of {stage['batch']} scenes in {stage['minutes']} min{where}"
+        layers = stage.get("vision_layers")
+        deeper = f" ({layers} layers)" if layers not in (None, VISION_LAYERS) else ""
+        return (f"tower stage{deeper}, {stage['steps']} steps of {stage['batch']} scenes in {stage['minutes']} min"
+                f"{where}")
     if stage["steps"] == 0:
         return f"{stage['fmt']}, the tokenizer extended, no steps"
     return f"{stage['fmt']}, {stage['steps']} steps in {stage['minutes']} min{where} (`{stage_flags(stage)}`)"
@@ -232,7 +233,8 @@ def write_card(run: str | Path) -> Path:
         f"a {settings['grid']} x {settings['grid']} grid. Prompt template: `{settings['prompt_style']}` "
         "(the question before the image).",
         "",
-        f"- architecture: transformers `LlavaForConditionalGeneration`, CLIP-style tower 192 x {vision.num_hidden_layers} layers at "
+        "- architecture: transformers `LlavaForConditionalGeneration`, CLIP-style tower "
+        f"192 x {vision.num_hidden_layers} layers at "
         f"{vision.image_size} px / {vision.patch_size} px patches, 2-layer MLP projector, Llama 256 x {t['text_layers']} layers; {params / 1e6:.2f}M parameters",
         f"- tokenizer: byte-level BPE, {TOKENIZER_SUMMARY[t.get('label_tokens', 'whole')]}",
         (f"- training: {t['steps']} steps of batch {t['batch']} (fresh synthetic samples, seed {t['seed']}), AdamW "

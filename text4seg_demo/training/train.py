@@ -76,7 +76,7 @@ class TrainConfig:
     focus_share: float = 0.4  # the share of scenes made for ``focus``; the rest draw a kind uniformly
     warm_heads: int = 0  # first steps that move only the training heads (see train)
     image_size: int = tiny.IMAGE_SIZE  # the tower's input side, in 16 x 16 patches (an init's are resized: fit_tower)
-    vision_layers: int | None = None  # the tower's depth; None: the starting tower's (a shallower one is deepened: fit_tower)
+    vision_layers: int | None = None  # None: the starting tower's depth (a shallower one is deepened: fit_tower)
     perception: float = 0.0  # weight of the tower stage's kind and colour loss, on as many extra scenes; 0: none
     tower: str | None = None  # the vision tower from this run instead of init's (a tower stage that went on from it)
     size_skew: float = 1.0  # training shape sizes over the domain's range as u ** size_skew: above 1, more small ones
@@ -368,7 +368,8 @@ def _deepen(weights: dict, ours: dict) -> dict:
         m = LAYER.fullmatch(key)
         if m and int(m[2]) == have - 1:
             for layer in range(have, want):
-                deepened[f"{m[1]}{layer}.{m[3]}"] = torch.zeros_like(value) if m[3].startswith(SILENT) else value.clone()
+                silent = m[3].startswith(SILENT)
+                deepened[f"{m[1]}{layer}.{m[3]}"] = torch.zeros_like(value) if silent else value.clone()
     return deepened
 
 
