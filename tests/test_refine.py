@@ -130,6 +130,14 @@ def test_grabcut_recovers_a_disk_from_its_blocky_grid():
     assert (again.mask == refined.mask).all()
 
 
+def test_grabcut_keeps_a_small_shapes_edge_on_a_large_image():
+    # a 52 x 40 px disk on a 1200 x 900 image: cut at 640 px its edge lands a pixel off (IoU 0.91)
+    image, truth = disk_image(w=1200, h=900, box=(300, 300, 352, 340))
+    coarse = to_image(to_grid(truth.astype(np.uint8), 16), *truth.shape).astype(np.int32)
+    refined = GrabCutRefiner().refine(image, coarse, ["others", "disk"], grid=16)
+    assert iou(refined.mask > 0, truth) >= 0.98
+
+
 def test_grabcut_refines_each_region_against_its_own_surroundings():
     # a red target on blue ground beside a blue target on grey: each region's window holds its own
     # ground, and both targets come out whole without the blue ground around the red one

@@ -253,12 +253,13 @@ class GrabCutRefiner:
     probable in between (the band is half a patch wide). The window reaches one patch or a quarter
     of the region's size beyond the band, whichever is more, so each colour model describes one
     object and its own surroundings rather than every target and the whole image. Colours are
-    modelled in CIELAB, where distance follows perceived difference. docs/refinement.md has the
-    numbers behind each choice."""
+    modelled in CIELAB, where distance follows perceived difference. Each cut costs what its window
+    holds, so the image is only downscaled past ``max_side``. docs/refinement.md has the numbers
+    behind each choice."""
 
     name, checkpoint = "grabcut", None
 
-    def __init__(self, iterations: int = 5, max_side: int = 640, reach: float = 0.25):
+    def __init__(self, iterations: int = 5, max_side: int = 1280, reach: float = 0.25):
         self.iterations, self.max_side, self.reach = iterations, max_side, reach
 
     def refine(self, image: Image.Image, coarse: np.ndarray, labels: list[str], grid: int = 16, **_) -> Refinement:
