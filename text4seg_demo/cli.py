@@ -263,8 +263,7 @@ def cmd_train_tiny(args) -> int:
         cfg = TowerConfig(out=str(args.out), grid=args.grid, seed=args.seed, eval_every_min=args.eval_every,
                           minutes=args.minutes, workers=args.workers, image_size=args.image_size,
                           vision_layers=args.vision_layers, init=str(args.init) if args.init else None,
-                          anneal=args.anneal,
-                          **_given(steps=args.steps, batch=args.batch, lr=args.lr))
+                          anneal=args.anneal, **_given(steps=args.steps, batch=args.batch, lr=args.lr))
         train_tower(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
         print(f"tower written to {args.out / 'checkpoint.pt'}; start a LLaVA stage with --init {args.out}",
               file=sys.stderr)

@@ -234,8 +234,8 @@ def write_card(run: str | Path) -> Path:
         "(the question before the image).",
         "",
         "- architecture: transformers `LlavaForConditionalGeneration`, CLIP-style tower "
-        f"192 x {vision.num_hidden_layers} layers at "
-        f"{vision.image_size} px / {vision.patch_size} px patches, 2-layer MLP projector, Llama 256 x {t['text_layers']} layers; {params / 1e6:.2f}M parameters",
+        f"192 x {vision.num_hidden_layers} layers at {vision.image_size} px / {vision.patch_size} px patches, "
+        f"2-layer MLP projector, Llama 256 x {t['text_layers']} layers; {params / 1e6:.2f}M parameters",
         f"- tokenizer: byte-level BPE, {TOKENIZER_SUMMARY[t.get('label_tokens', 'whole')]}",
         (f"- training: {t['steps']} steps of batch {t['batch']} (fresh synthetic samples, seed {t['seed']}), AdamW "
          f"{t['lr']}, {'bf16 autocast' if t['bf16'] else 'fp32'}, {t['minutes']} minutes wall time "

@@ -53,7 +53,7 @@ class TowerConfig:
     workers: int = 0
     init: str | None = None  # go on training the tower of this run, tower stage or saved model
     image_size: int = tiny.IMAGE_SIZE  # input side: 16 x 16 patches of image_size / 16 px (an init's are resized)
-    vision_layers: int | None = None  # encoder layers; None: init's, else 4 (a shallower init is deepened)
+    vision_layers: int | None = None  # None: init's, else tiny.VISION_LAYERS (a shallower init is deepened)
     fit_scenes: int = 256  # given init, the head is first fitted to its tower on this many scenes (fit_head)
 
 
